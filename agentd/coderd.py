@@ -1,0 +1,225 @@
+"""The sink: storing a snapshot with coderd's log-snapshot endpoint.
+
+``POST {CODER_AGENT_URL}/api/v2/workspaceagents/me/tasks/{task}/log-snapshot?format=agentapi``
+with the agent token in ``Coder-Session-Token`` (CONTRACT.md §1). coderd answers 204 on success
+and upserts: each stored snapshot replaces the previous one for the task.
+
+Retry policy (tenacity, sleeping through anyio so it works on asyncio and trio):
+
+* retried: connection errors, timeouts, 408, 429, 500, 502, 503, 504;
+* waits: exponential backoff with full jitter, ``uniform(0, min(backoff_max, backoff_base * 2**n))``
+  seconds, or coderd's ``Retry-After`` (seconds or an HTTP date) when it sends one;
+* final, one attempt only: 400, 401, 403, 404, 413 and any other answer;
+* never past the deadline: an attempt is only started with at least ``min_attempt`` seconds
+  left, each attempt is cut at the deadline, and a ``Retry-After`` beyond it ends the upload
+  at once, saying so.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import anyio
+import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from agentd.logs import get_logger
+from agentd.snapshot import Snapshot
+
+log = get_logger("agentd.coderd")
+
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+_FINAL_HINTS = {
+    400: "coderd refused the request",
+    401: "coderd refused the agent token",
+    403: "the agent token may not store this task's snapshot",
+    404: "task not in this workspace, or a Coder version without the log-snapshot endpoint",
+    413: "the body is over coderd's limit",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class UploadOutcome:
+    """What became of one upload.
+
+    ``stored`` is True on 204. ``status`` is the last HTTP status (None if coderd never
+    answered); ``attempts`` the number of requests sent; ``bytes``/``messages`` describe the
+    body; ``reason`` is a one-line explanation when not stored; ``at`` a ``time.time()``.
+    """
+
+    stored: bool
+    status: int | None
+    attempts: int
+    bytes: int
+    messages: int
+    reason: str
+    at: float
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class _Final(Exception):
+    def __init__(self, reason: str, status: int | None) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class _DeadlineTooClose(Exception):
+    pass
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _coderd_error(response: httpx.Response) -> str:
+    """coderd's ``message`` and ``detail`` from a JSON error body, or the start of the body."""
+    try:
+        body = response.json()
+        parts = [str(body.get(key)) for key in ("message", "detail") if body.get(key)]
+        return ": ".join(parts) if parts else response.text[:200]
+    except (ValueError, AttributeError):
+        return response.text[:200]
+
+
+class CoderdUploader:
+    """Uploads snapshots for one task. ``client`` is shared; the token is sent only as a header.
+
+    Timing (seconds): ``attempt_timeout`` caps one request; ``min_attempt`` is the least time
+    worth starting an attempt with; backoff as in the module docstring.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        coderd_url: str,
+        token: str,
+        task_id: UUID,
+        *,
+        attempt_timeout: float = 5.0,
+        min_attempt: float = 0.2,
+        backoff_base: float = 0.25,
+        backoff_max: float = 2.0,
+    ) -> None:
+        self.client = client
+        self.url = f"{coderd_url}/api/v2/workspaceagents/me/tasks/{task_id}/log-snapshot"
+        self._headers = {"Coder-Session-Token": token, "Content-Type": "application/json"}
+        self.attempt_timeout = attempt_timeout
+        self.min_attempt = min_attempt
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+
+    def __repr__(self) -> str:  # the headers hold the token
+        return f"CoderdUploader(url={self.url!r})"
+
+    async def upload(self, snapshot: Snapshot, deadline: float) -> UploadOutcome:
+        """POST ``snapshot`` until stored, a final answer, or ``deadline`` (``anyio.current_time()``).
+
+        Never raises for coderd's failures: the outcome says what happened, and one log line
+        reports it.
+        """
+        attempts = 0
+        status: int | None = None
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            if isinstance(exc, _Retryable) and exc.retry_after is not None:
+                return exc.retry_after
+            n = state.attempt_number
+            return random.uniform(0, min(self.backoff_max, self.backoff_base * 2**n))
+
+        def stop(state: RetryCallState) -> bool:
+            return anyio.current_time() + (state.upcoming_sleep or 0) + self.min_attempt > deadline
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_Retryable),
+            wait=wait,
+            stop=stop,
+            sleep=anyio.sleep,
+            reraise=True,
+        )
+        reason = ""
+        try:
+            if anyio.current_time() + self.min_attempt > deadline:
+                raise _DeadlineTooClose
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    status = None
+                    status = await self._attempt(snapshot, deadline)
+        except _Retryable as exc:
+            status = exc.status
+            left = deadline - anyio.current_time()
+            if exc.retry_after is not None and exc.retry_after > left:
+                reason = f"{exc}; coderd asked to retry after {exc.retry_after:.1f} s, {max(left, 0):.1f} s left before the deadline"
+            else:
+                reason = f"{exc}; gave up at the shutdown deadline"
+        except _Final as exc:
+            status, reason = exc.status, str(exc)
+        except _DeadlineTooClose:
+            reason = "no time left before the shutdown deadline"
+        outcome = UploadOutcome(
+            stored=not reason,
+            status=status,
+            attempts=attempts,
+            bytes=snapshot.size,
+            messages=len(snapshot.message_ids),
+            reason=reason,
+            at=time.time(),
+        )
+        fields: dict[str, Any] = dict(status=status, attempts=attempts, bytes=snapshot.size, messages=outcome.messages)
+        if outcome.stored:
+            log.info("snapshot stored", newest_id=snapshot.newest_id, **fields)
+        else:
+            log.error("snapshot not stored", reason=reason, **fields)
+        return outcome
+
+    async def _attempt(self, snapshot: Snapshot, deadline: float) -> int:
+        left = deadline - anyio.current_time()
+        timeout = min(self.attempt_timeout, left)
+        try:
+            with anyio.fail_after(timeout):
+                response = await self.client.post(
+                    self.url,
+                    params={"format": "agentapi"},
+                    content=snapshot.body,
+                    headers=self._headers,
+                    timeout=timeout,
+                )
+        except TimeoutError:
+            raise _Retryable(f"no answer from coderd within {timeout:.1f} s") from None
+        except httpx.TimeoutException as exc:
+            raise _Retryable(f"coderd timed out ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise _Retryable(f"cannot reach coderd: {type(exc).__name__}: {exc}".rstrip(": ")) from None
+        status = response.status_code
+        if status == 204 or 200 <= status < 300:
+            return status
+        detail = _coderd_error(response)
+        if status in RETRY_STATUSES:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            log.info("coderd busy, will retry", status=status, detail=detail, retry_after=retry_after)
+            raise _Retryable(f"coderd answered {status}: {detail}", status, retry_after)
+        hint = _FINAL_HINTS.get(status, "coderd refused the snapshot")
+        raise _Final(f"coderd answered {status} ({hint}): {detail}", status)
