@@ -1,0 +1,74 @@
+"""What coderd can read back: validation of agentapi messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agentd.messages import InvalidMessage, is_rfc3339, parse_message, parse_messages
+
+GOOD = {"id": 3, "role": "agent", "content": "hi", "time": "2026-01-01T00:00:00.123456789Z"}
+
+
+def test_a_good_message_passes_through_exactly():
+    message = parse_message(GOOD)
+    assert (message.id, message.role, message.content, message.time) == (3, "agent", "hi", GOOD["time"])
+
+
+def test_message_update_uses_the_message_key():
+    data = {"id": 1, "role": "user", "message": "typed", "time": "2026-01-01T00:00:00Z"}
+    assert parse_message(data, content_key="message").content == "typed"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"role": "system"},
+        {"role": None},
+        {"id": "3"},
+        {"id": 3.0},
+        {"id": True},
+        {"id": 2**63},
+        {"time": None},
+        {"time": "yesterday"},
+        {"time": "2026-13-01T00:00:00Z"},
+        {"time": "2026-01-01 00:00:00Z"},
+        {"content": 5},
+    ],
+)
+def test_messages_coderd_could_not_read_back_are_refused(change):
+    with pytest.raises(InvalidMessage):
+        parse_message({**GOOD, **change})
+
+
+def test_missing_time_is_refused():
+    with pytest.raises(InvalidMessage):
+        parse_message({k: v for k, v in GOOD.items() if k != "time"})
+
+
+def test_lone_surrogates_become_replacement_characters():
+    raw = json.loads('{"id":0,"role":"agent","content":"a\\ud800b\\ud83c\\udf89","time":"2026-01-01T00:00:00Z"}')
+    message = parse_message(raw)
+    assert message.content == "a\ufffdb🎉"
+    message.content.encode("utf-8")
+
+
+def test_parse_messages_keeps_the_good_and_names_the_bad():
+    messages, problems = parse_messages({"messages": [GOOD, {**GOOD, "id": 4, "role": "tool"}]})
+    assert [m.id for m in messages] == [3] and "role" in problems[0]
+
+
+@pytest.mark.parametrize(
+    "value,ok",
+    [
+        ("2026-01-01T00:00:00Z", True),
+        ("2026-01-01T00:00:00.5+02:00", True),
+        ("2026-02-30T00:00:00Z", False),
+        ("2026-01-01T24:00:00Z", False),
+        ("2026-01-01t00:00:00z", False),
+        ("2026-01-01T00:00:00+25:00", False),
+    ],
+)
+def test_rfc3339(value, ok):
+    assert is_rfc3339(value) is ok

@@ -1,0 +1,143 @@
+"""The trimming rules, as properties over any Unicode and any escaping (hypothesis)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from agentd.buffer import RingBuffer
+from agentd.messages import Message
+from agentd.snapshot import CODERD_MAX_BODY, TRUNCATION_MARKER, build_snapshot, encode_message
+
+T = "2026-01-01T00:00:00.123456789Z"
+MARKER = re.compile(re.escape(TRUNCATION_MARKER).replace(r"\{n\}", r"(\d+)"))
+
+# Characters that stress the encoder: JSON escapes, control characters, multi-byte and astral.
+nasty = st.sampled_from(['"', "\\", "\x00", "\x1b", "\n", "\t", "\x7f", "─", "│", "╭", "é", "\u2028", "🎉", "𝔘", "a"])
+chunk = st.text(alphabet=st.one_of(nasty, st.characters(exclude_categories=["Cs"])), max_size=30)
+content = st.builds(lambda s, n: s * n, chunk, st.integers(0, 3_000))
+times = st.sampled_from([T, "2026-01-01T00:00:00Z", "2026-11-30T23:59:59.5+02:00", "1999-12-31T12:00:00.000000001-07:30"])
+
+
+@st.composite
+def conversations(draw, max_size=14):
+    n = draw(st.integers(1, max_size))
+    first = draw(st.integers(0, 2**40))
+    return [
+        Message(id=first + i, role=draw(st.sampled_from(["user", "agent"])), content=draw(content), time=draw(times))
+        for i in range(n)
+    ]
+
+
+def whole_size(messages):
+    return len(b'{"messages":[]}') + len(messages) - 1 + sum(len(encode_message(m)) for m in messages)
+
+
+def check_body(snapshot, messages, max_bytes):
+    """The invariants every body must hold; returns the decoded messages."""
+    assert snapshot.size <= max_bytes
+    text = snapshot.body.decode("utf-8")  # strict: never a split code point
+    decoded = json.loads(text)["messages"]
+    ids = [m["id"] for m in decoded]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert tuple(ids) == snapshot.message_ids
+    by_id = {m.id: m for m in messages}
+    assert ids[-1] == messages[-1].id, "the newest message is always present"
+    assert ids == [m.id for m in messages[len(messages) - len(ids) :]], "one contiguous stretch ending at the newest"
+    for item in decoded:
+        original = by_id[item["id"]]
+        assert item["role"] == original.role and item["time"] == original.time
+        if item["id"] == snapshot.truncated_id:
+            match = MARKER.match(item["content"])
+            assert match, "a cut message carries the visible marker"
+            cut = int(match.group(1)) - original.elided  # the marker counts what the buffer dropped too
+            assert cut >= 0
+            assert item["content"][match.end() :] == original.content[cut:]
+        else:
+            assert item["content"] == original.content
+    if snapshot.truncated_id is not None:
+        assert snapshot.truncated_id == ids[0], "only the oldest message carried is cut"
+    return decoded
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conversations(), st.integers(1_024, CODERD_MAX_BODY))
+def test_any_content_fits_and_keeps_the_newest(messages, max_bytes):
+    snapshot = build_snapshot(messages, max_bytes)
+    check_body(snapshot, messages, max_bytes)
+    if whole_size(messages) <= max_bytes:
+        assert snapshot.truncated_id is None and len(snapshot.message_ids) == len(messages)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conversations(), st.integers(8_192, CODERD_MAX_BODY))
+def test_budget_is_used_when_messages_must_be_cut(messages, max_bytes):
+    assume(whole_size(messages) > max_bytes)
+    snapshot = build_snapshot(messages, max_bytes)
+    assert snapshot.size >= 0.9 * max_bytes
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conversations(max_size=25), st.integers(1, 12), st.integers(1_024, CODERD_MAX_BODY))
+def test_ring_buffer_then_trim(messages, max_messages, max_bytes):
+    buffer = RingBuffer(max_messages, max_chars=max_bytes)
+    for message in messages:
+        buffer.apply(message)
+    held = buffer.messages()
+    assert [m.id for m in held] == [m.id for m in messages[-max_messages:]]
+    snapshot = build_snapshot(held, max_bytes)
+    decoded = check_body(snapshot, held, max_bytes)
+    # Characters the buffer dropped on entry are counted in the marker: the tail is exact.
+    newest = decoded[-1]["content"]
+    match = MARKER.match(newest)
+    original = messages[-1].content
+    if match:
+        assert newest[match.end() :] == original[int(match.group(1)) :]
+    else:
+        assert newest == original
+
+
+def test_empty_conversation_is_never_uploaded():
+    assert build_snapshot([], CODERD_MAX_BODY) is None
+
+
+def test_too_small_limit_is_refused():
+    with pytest.raises(ValueError):
+        build_snapshot([Message(0, "user", "hi", T)], 100)
+
+
+# The cases today's stop script gets wrong (CONTRACT.md §4), at coderd's real limit.
+
+
+def test_one_message_of_30000_box_drawing_characters():
+    snapshot = build_snapshot([Message(0, "agent", "─" * 30_000, T)])
+    assert 0.9 * CODERD_MAX_BODY <= snapshot.size <= CODERD_MAX_BODY
+    assert json.loads(snapshot.body)["messages"][0]["content"].endswith("─" * 1000)
+
+
+def test_three_messages_of_escape_characters():
+    messages = [Message(i, "agent", "\x1b" * 20_000, T) for i in range(3)]
+    snapshot = build_snapshot(messages)
+    assert 0.9 * CODERD_MAX_BODY <= snapshot.size <= CODERD_MAX_BODY
+    assert snapshot.newest_id == 2
+
+
+def test_twelve_ascii_messages_use_the_budget():
+    buffer = RingBuffer(10)
+    for i in range(12):
+        buffer.apply(Message(i, "agent", "x" * 20_000, T))
+    snapshot = build_snapshot(buffer.messages())
+    assert snapshot.size >= 0.9 * CODERD_MAX_BODY
+    assert snapshot.message_ids[-3:] == (9, 10, 11) and snapshot.truncated_id == snapshot.message_ids[0]
+
+
+def test_cut_starts_at_a_line_boundary_when_one_is_near():
+    screen = "".join(f"│ line {i:06d} ─────────────────────────── │\n" for i in range(5_000))
+    snapshot = build_snapshot([Message(0, "agent", screen, T)])
+    content = json.loads(snapshot.body)["messages"][0]["content"]
+    body = content[MARKER.match(content).end() :]
+    assert body.startswith("│ line ") and body.endswith("│ line 004999 ─────────────────────────── │\n")
