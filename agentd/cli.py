@@ -1,7 +1,8 @@
-"""Command line: ``agentd run`` and ``agentd demo``.
+"""Command line: ``agentd run | snapshot | status | shutdown-hook | demo``.
 
-Exit status: 0 stored (or nothing to store), 1 not stored, 78 bad configuration (one line on
-stderr naming the setting, no traceback), 70 internal error (logged with the token redacted).
+Exit status: 0 stored (or nothing to store), 1 not stored, 3 no daemon answered (``status``),
+73 another daemon holds the control socket, 78 bad configuration (one line on stderr naming
+the setting, no traceback), 70 internal error (logged with the token redacted).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ for _signum in (signal.SIGTERM, signal.SIGINT):
     signal.signal(_signum, lambda signum, _frame: daemon.early_signals.append(signum))
 
 import argparse  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import anyio  # noqa: E402
 
-from agentd import logs  # noqa: E402
-from agentd.settings import EX_CONFIG, ConfigError, Settings, load_settings  # noqa: E402
+from agentd import control, hooks, logs  # noqa: E402
+from agentd.settings import EX_CONFIG, ConfigError, Settings, default_state_dir, load_settings  # noqa: E402
 
 EX_SOFTWARE = 70  # sysexits.h: internal software error
 
@@ -38,13 +41,15 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     flags.add_argument("--shutdown-timeout", metavar="SECONDS", help="signal to exit, retries included [AGENTD_SHUTDOWN_TIMEOUT]")
     flags.add_argument("--state-dir", metavar="PATH", help="state directory [AGENTD_STATE_DIR]")
     flags.add_argument("--ca-file", metavar="PATH", help="CA bundle for coderd's TLS certificate [AGENTD_CA_FILE]")
+    flags.add_argument("--checkpoint-interval", metavar="SECONDS", help="least time between checkpoint uploads, 0 off [AGENTD_CHECKPOINT_INTERVAL]")
+    flags.add_argument("--socket", metavar="PATH", help="control socket [AGENTD_SOCKET]")
     flags.add_argument("--log-format", metavar="FORMAT", help="json, console or auto [AGENTD_LOG_FORMAT]")
     flags.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error [AGENTD_LOG_LEVEL]")
 
 
 _SETTING_FLAGS = (
     "coderd_url agent_token agent_token_file task_id agentapi_url max_messages max_bytes "
-    "shutdown_timeout state_dir ca_file log_format log_level"
+    "shutdown_timeout state_dir ca_file checkpoint_interval socket log_format log_level"
 ).split()
 
 
@@ -56,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="tail agentapi; store the snapshot on SIGTERM/SIGINT")
     _add_settings_flags(run)
+    snap = sub.add_parser("snapshot", help="store the snapshot now (via the daemon, or directly without one)")
+    snap.add_argument("--timeout", type=float, default=8.0, metavar="SECONDS", help="give up after this long (default 8)")
+    _add_settings_flags(snap)
+    stat = sub.add_parser("status", help="ask the daemon how it is (exit 3 when none answers)")
+    stat.add_argument("--json", action="store_true", help="machine-readable output")
+    stat.add_argument("--socket", metavar="PATH", help="control socket [AGENTD_SOCKET]")
+    stat.add_argument("--state-dir", metavar="PATH", help="state directory [AGENTD_STATE_DIR]")
+    hook = sub.add_parser("shutdown-hook", help="stop-script drop-in: SIGUSR1 agentapi, snapshot, SIGTERM agentapi")
+    hook.add_argument("--pid-file", type=Path, metavar="PATH", help="agentapi's pid file")
+    hook.add_argument("--save-state", action="store_true", help="send agentapi SIGUSR1 (state save) first")
+    hook.add_argument("--timeout", type=float, default=8.0, metavar="SECONDS", help="snapshot time limit (default 8)")
+    hook.add_argument("--stop-timeout", type=float, default=5.0, metavar="SECONDS", help="wait for agentapi to exit (default 5)")
+    _add_settings_flags(hook)
     demo = sub.add_parser("demo", help="run the whole job against built-in stand-ins on loopback")
     demo.add_argument("--log-format", default="console", help="json or console (default console)")
     return parser
@@ -66,6 +84,23 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(**{name: getattr(args, name, None) for name in _SETTING_FLAGS})
 
 
+def socket_from(args: argparse.Namespace) -> Path:
+    """The control socket for client commands, without needing the daemon's other settings."""
+    if getattr(args, "socket", None):
+        return Path(args.socket)
+    state_dir = getattr(args, "state_dir", None) or os.environ.get("AGENTD_STATE_DIR")
+    return control.default_socket_path(Path(state_dir) if state_dir else default_state_dir())
+
+
+def _backend() -> str:
+    """``AGENTD_ASYNC_BACKEND``: asyncio (default) or trio."""
+    return "trio" if os.environ.get("AGENTD_ASYNC_BACKEND", "").lower() == "trio" else "asyncio"
+
+
+def _say(line: str) -> None:
+    print(logs.redact(line), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -73,14 +108,43 @@ def main(argv: list[str] | None = None) -> int:
             from agentd.demo import main as demo_main
 
             return demo_main(args)
-        settings = settings_from(args)
+        if args.command == "run":
+            settings = settings_from(args)
+            logs.configure(settings.log_format, settings.log_level)
+            logs.add_secret(settings.token)
+            return anyio.run(daemon.run, settings, backend=_backend())
+        logs.configure(
+            getattr(args, "log_format", None) or os.environ.get("AGENTD_LOG_FORMAT", "auto").lower(),
+            getattr(args, "log_level", None) or os.environ.get("AGENTD_LOG_LEVEL", "warning").lower(),
+        )
+        if args.command == "status":
+            status, text = anyio.run(hooks.status, socket_from(args), args.json, backend=_backend())
+            _say(text)
+            return status
+        if args.command == "snapshot":
+            status, line = anyio.run(hooks.snapshot, socket_from(args), args.timeout, lambda: settings_from(args), backend=_backend())
+            _say(line)
+            return status
+        if args.command == "shutdown-hook":
+            have_task = bool(args.task_id or os.environ.get("AGENTD_TASK_ID"))
+            status, line = anyio.run(
+                lambda: hooks.shutdown_hook(
+                    pid_file=args.pid_file,
+                    save_state=args.save_state,
+                    socket=socket_from(args),
+                    timeout=args.timeout,
+                    stop_timeout=args.stop_timeout,
+                    load_settings=lambda: settings_from(args),
+                    have_task=have_task,
+                ),
+                backend=_backend(),
+            )
+            _say(line)
+            return status
+        raise AssertionError(f"unhandled command {args.command}")
     except ConfigError as exc:
         print(f"agentd: {exc}", file=sys.stderr)
         return EX_CONFIG
-    logs.configure(settings.log_format, settings.log_level)
-    logs.add_secret(settings.token)
-    try:
-        return anyio.run(daemon.run, settings)
     except Exception:
         logs.get_logger("agentd").exception("internal error")
         return EX_SOFTWARE

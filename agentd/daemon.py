@@ -1,94 +1,263 @@
 """The orchestrator: owns the signals, the deadlines and the shutdown sequence.
 
-``agentd run`` is :func:`run`: start the agentapi tail, wait for SIGTERM or SIGINT, then
+``agentd run`` is :func:`run`. It loads the persisted buffer, listens on the control socket,
+says ``READY=1``, and runs these tasks in one task group until SIGTERM or SIGINT:
 
-1. stop the tail;
-2. final refresh: one ``GET /messages`` with a short timeout, merged into the buffer (if
-   agentapi is already gone, the buffer is the truth);
-3. build the snapshot (an empty conversation is never uploaded);
-4. upload it with retries, all within ``shutdown_timeout`` seconds of the signal.
+* the agentapi tail (source -> ring buffer);
+* persistence: the buffer written to the state directory at most once a second while it
+  changes (and ``STATUS=`` for systemd);
+* checkpoints: after a finished turn (agent ``running`` -> ``stable``), upload if the snapshot
+  differs from the last one coderd acknowledged, at most once per ``checkpoint_interval``;
+* the control socket (``agentd snapshot`` / ``agentd status``);
+* the systemd watchdog.
 
-Exit status: 0 stored or nothing to store, 1 not stored. A second SIGTERM/SIGINT during the
-shutdown gives up at once (exit 1).
+On the first signal: ``STOPPING=1``, stop the tail and any checkpoint in flight, then
+:meth:`Daemon.store` (final refresh, build, upload with retries) within ``shutdown_timeout``
+seconds of the signal, then persist. Exit status: 0 stored or nothing to store (or coderd
+already holds this exact body), 1 not stored. A second SIGTERM/SIGINT gives up at once (1).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import signal
 import ssl
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 
+from agentd import control
 from agentd.agentapi import AgentAPIError, AgentAPITail, fetch_messages
 from agentd.buffer import RingBuffer
 from agentd.coderd import CoderdUploader, UploadOutcome
 from agentd.logs import add_secret, get_logger
+from agentd.sdnotify import Notifier
 from agentd.settings import Settings
-from agentd.snapshot import build_snapshot
+from agentd.snapshot import Snapshot, build_snapshot
+from agentd.state import SavedState, StateStore, as_dict
 
 log = get_logger("agentd.daemon")
 
 EXIT_STORED = 0
 EXIT_NOT_STORED = 1
+EX_CANTCREAT = 73  # sysexits.h: another daemon holds the control socket
 
-#: Final refresh timeout, seconds: short, and at most a quarter of the shutdown budget.
+#: Final refresh timeout, seconds: short, and at most a quarter of the time left.
 FINAL_REFRESH_TIMEOUT = 1.0
+#: Seconds between state writes while the buffer changes.
+PERSIST_INTERVAL = 1.0
+#: Seconds a checkpoint upload may take, retries included.
+CHECKPOINT_TIMEOUT = 30.0
 
 # Signals that arrived before the event loop could take them (see agentd.cli).
 early_signals: list[int] = []
 
 
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    """The outcome of one :meth:`Daemon.store`.
+
+    ``result`` is ``stored``, ``unchanged`` (coderd already holds this exact body: nothing
+    sent), ``nothing`` (empty conversation: nothing sent) or ``failed``.
+    """
+
+    result: str
+    outcome: UploadOutcome | None = None
+    snapshot: Snapshot | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result != "failed"
+
+    def line(self) -> str:
+        """One line for people: what was stored, or why not."""
+        o, s = self.outcome, self.snapshot
+        if self.result == "nothing":
+            return "nothing to store: the conversation is empty"
+        if self.result == "unchanged":
+            return f"stored: unchanged since the last upload ({len(s.message_ids)} messages, {s.size} bytes)"
+        if self.result == "stored":
+            return f"stored: {o.messages} messages, {o.bytes} bytes, {o.attempts} attempt{'s' * (o.attempts != 1)}"
+        return f"not stored: {o.reason if o else 'unknown'}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"result": self.result, "line": self.line(), "outcome": as_dict(self.outcome)}
+
+
+def fingerprint(snapshot: Snapshot) -> str:
+    """sha256 of the body, hex: identifies what coderd acknowledged."""
+    return hashlib.sha256(snapshot.body).hexdigest()
+
+
 @dataclass
 class Daemon:
-    """The running daemon's parts, shared by the lifecycle steps (and, later, the control socket)."""
+    """The daemon's parts: source, buffer, sink, state. Shared by the lifecycle steps."""
 
     settings: Settings
     client: httpx.AsyncClient
+    notifier: Notifier = field(default_factory=Notifier)
     buffer: RingBuffer = field(init=False)
     tail: AgentAPITail = field(init=False)
     uploader: CoderdUploader = field(init=False)
+    state: StateStore = field(init=False)
+    acked: str | None = None
     last_upload: UploadOutcome | None = None
+    started: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
         s = self.settings
         self.buffer = RingBuffer(s.max_messages, max_chars=s.max_bytes)
-        self.tail = AgentAPITail(self.client, s.agentapi_url, self.buffer)
+        self.tail = AgentAPITail(self.client, s.agentapi_url, self.buffer, on_status=self._on_agent_status)
         self.uploader = CoderdUploader(self.client, s.coderd_url, s.token, s.task_id)
+        self.state = StateStore(s.state_dir, s.task_id)
+        self._upload_lock = anyio.Lock()
+        self._turn_finished = anyio.Event()
+        self._saved_version = -1
+
+    # -- state -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Restore the persisted buffer, acknowledged fingerprint and last upload."""
+        saved = self.state.load()
+        if saved.messages:
+            self.buffer.restore(saved.messages)
+            log.info("restored the persisted buffer", messages=len(saved.messages), newest_id=self.buffer.newest_id)
+        self.acked, self.last_upload = saved.acked, saved.last_upload
+        self._saved_version = self.buffer.version
+
+    async def persist(self, force: bool = False) -> None:
+        """Write the state if the buffer changed since the last write (always with ``force``)."""
+        if not force and self.buffer.version == self._saved_version:
+            return
+        version = self.buffer.version
+        snapshot = SavedState(self.buffer.messages(), self.acked, self.last_upload)
+        await anyio.to_thread.run_sync(self.state.save, snapshot)
+        self._saved_version = version
+
+    # -- storing -----------------------------------------------------------------------------
 
     async def refresh(self, timeout: float) -> None:
         """Merge one ``GET /messages`` into the buffer; on failure keep the buffer as it is."""
         try:
             view = await fetch_messages(self.client, self.settings.agentapi_url, timeout)
         except AgentAPIError as exc:
-            log.warning("final refresh failed; storing the buffer as it is", error=str(exc))
+            log.warning("refresh failed; using the buffer as it is", error=str(exc))
             return
         self.buffer.sync(view)
 
-    async def store(self, deadline: float) -> UploadOutcome | None:
-        """Refresh, build and upload by ``deadline`` (``anyio.current_time()``).
+    async def store(self, deadline: float, *, refresh: bool = True, why: str = "shutdown") -> StoreResult:
+        """Refresh (optionally), build and upload by ``deadline`` (``anyio.current_time()``).
 
-        Returns None when there was nothing to store.
+        Uploads are serialised; a body identical to the one coderd last acknowledged is not
+        sent again. Never raises for agentapi's or coderd's failures.
         """
-        left = deadline - anyio.current_time()
-        await self.refresh(min(FINAL_REFRESH_TIMEOUT, left / 4))
+        async with self._upload_lock:
+            if refresh:
+                await self.refresh(min(FINAL_REFRESH_TIMEOUT, (deadline - anyio.current_time()) / 4))
+            snapshot = build_snapshot(self.buffer.messages(), self.settings.max_bytes)
+            if snapshot is None:
+                log.info("nothing to store: the conversation is empty", why=why)
+                return StoreResult("nothing")
+            digest = fingerprint(snapshot)
+            if digest == self.acked:
+                log.info("snapshot unchanged since the last upload; not sent again", why=why, bytes=snapshot.size)
+                return StoreResult("unchanged", self.last_upload, snapshot)
+            outcome = await self.uploader.upload(snapshot, deadline)
+            self.last_upload = outcome
+            if outcome.stored:
+                self.acked = digest
+            with anyio.CancelScope(shield=True):
+                await self.persist(force=True)
+            return StoreResult("stored" if outcome.stored else "failed", outcome, snapshot)
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What ``agentd status --json`` prints."""
         snapshot = build_snapshot(self.buffer.messages(), self.settings.max_bytes)
-        if snapshot is None:
-            log.info("nothing to store: the conversation is empty")
-            return None
-        self.last_upload = await self.uploader.upload(snapshot, deadline)
-        return self.last_upload
+        return {
+            "messages": len(self.buffer),
+            "bytes": snapshot.size if snapshot else 0,
+            "newest_id": self.buffer.newest_id,
+            "agent_status": self.tail.agent_status,
+            "source": {"state": self.tail.state, "since": _iso(self.tail.state_since), "url": self.settings.agentapi_url},
+            "last_upload": _upload_dict(self.last_upload),
+            "task_id": str(self.settings.task_id),
+            "pid": os.getpid(),
+            "started": _iso(self.started),
+            "persisted": self.state.enabled,
+        }
+
+    def status_line(self) -> str:
+        upload = self.last_upload
+        last = "none" if upload is None else ("stored" if upload.stored else "failed")
+        return f"agentapi {self.tail.state}; {len(self.buffer)} messages; last upload {last}"
+
+    # -- background tasks --------------------------------------------------------------------
+
+    def _on_agent_status(self, old: str | None, new: str) -> None:
+        if old == "running" and new == "stable":
+            self._turn_finished.set()
+
+    async def persist_loop(self) -> None:
+        while True:
+            await anyio.sleep(PERSIST_INTERVAL)
+            await self.persist()
+            self.notifier.status(self.status_line())
+
+    async def checkpoint_loop(self) -> None:
+        interval = self.settings.checkpoint_interval
+        if interval <= 0:
+            return
+        last = -float("inf")
+        while True:
+            await self._turn_finished.wait()
+            await anyio.sleep(max(0.0, last + interval - anyio.current_time()))
+            self._turn_finished = anyio.Event()
+            last = anyio.current_time()
+            result = await self.store(last + CHECKPOINT_TIMEOUT, refresh=False, why="checkpoint")
+            log.info("checkpoint", result=result.result)
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer one control-socket request."""
+        command = request.get("command")
+        if command == "status":
+            return {"ok": True, "status": self.status()}
+        if command == "snapshot":
+            timeout = request.get("timeout")
+            timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else self.settings.shutdown_timeout
+            result = await self.store(anyio.current_time() + timeout, why="snapshot request")
+            return {"ok": True, **result.as_dict()}
+        return {"ok": False, "error": f"unknown command {str(command)[:40]!r}"}
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _upload_dict(outcome: UploadOutcome | None) -> dict[str, Any] | None:
+    if outcome is None:
+        return None
+    return {
+        "outcome": "stored" if outcome.stored else "failed",
+        "http_status": outcome.status,
+        "time": _iso(outcome.at),
+        "bytes": outcome.bytes,
+        "messages": outcome.messages,
+        "attempts": outcome.attempts,
+        "reason": outcome.reason or None,
+    }
 
 
 def http_client(settings: Settings) -> httpx.AsyncClient:
-    """The shared HTTP client. Trusts ``AGENTD_CA_FILE`` (or ``SSL_CERT_FILE``) when given."""
+    """The shared HTTP client. Trusts ``AGENTD_CA_FILE`` (else ``$SSL_CERT_FILE``) when given."""
     verify: ssl.SSLContext | bool = True
-    cafile = settings.ca_file
-    if cafile is None:
-        import os
-
-        cafile = os.environ.get("SSL_CERT_FILE") or None
+    cafile = settings.ca_file or os.environ.get("SSL_CERT_FILE") or None
     if cafile is not None:
         verify = ssl.create_default_context(cafile=str(cafile))
     return httpx.AsyncClient(verify=verify, trust_env=False, timeout=5.0)
@@ -97,38 +266,59 @@ def http_client(settings: Settings) -> httpx.AsyncClient:
 async def run(settings: Settings) -> int:
     """Run the daemon until SIGTERM/SIGINT, then store the snapshot. Returns the exit status."""
     add_secret(settings.token)
+    notifier = Notifier()
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with http_client(settings) as client, anyio.create_task_group() as tg:
-            daemon = Daemon(settings, client)
-            log.info(
-                "agentd started",
-                agentapi=settings.agentapi_url,
-                coderd=settings.coderd_url,
-                task=str(settings.task_id),
-                max_messages=settings.max_messages,
-                max_bytes=settings.max_bytes,
-                shutdown_timeout=settings.shutdown_timeout,
-            )
-            tail_scope = anyio.CancelScope()
+        async with http_client(settings) as client:
+            daemon = Daemon(settings, client, notifier)
+            daemon.load()
+            try:
+                listener = await control.open_listener(settings.socket)
+            except control.ControlError as exc:
+                log.error("cannot start", error=str(exc))
+                return EX_CANTCREAT
+            async with listener, anyio.create_task_group() as tg:
+                running = anyio.CancelScope()
 
-            async def tail() -> None:
-                with tail_scope:
-                    await daemon.tail.run()
+                async def background() -> None:
+                    with running:
+                        async with anyio.create_task_group() as inner:
+                            inner.start_soon(daemon.tail.run)
+                            inner.start_soon(daemon.persist_loop)
+                            inner.start_soon(daemon.checkpoint_loop)
+                            inner.start_soon(control.serve, listener, daemon.handle)
 
-            tg.start_soon(tail)
-            if early_signals:
-                signum = early_signals[0]
-            else:
-                signum = await signals.__anext__()
-            deadline = anyio.current_time() + settings.shutdown_timeout
-            log.info("shutting down", signal=signal.Signals(signum).name, timeout=settings.shutdown_timeout)
-            tail_scope.cancel()
-            status = await _shutdown(daemon, deadline, signals, tg)
-            tg.cancel_scope.cancel()
+                tg.start_soon(background)
+                tg.start_soon(notifier.watchdog)
+                notifier.notify("READY=1")
+                notifier.status(daemon.status_line())
+                log.info(
+                    "agentd started",
+                    agentapi=settings.agentapi_url,
+                    coderd=settings.coderd_url,
+                    task=str(settings.task_id),
+                    socket=str(settings.socket),
+                    max_messages=settings.max_messages,
+                    max_bytes=settings.max_bytes,
+                    shutdown_timeout=settings.shutdown_timeout,
+                )
+                signum = early_signals[0] if early_signals else await signals.__anext__()
+                deadline = anyio.current_time() + settings.shutdown_timeout
+                notifier.notify("STOPPING=1")
+                log.info("shutting down", signal=signal.Signals(signum).name, timeout=settings.shutdown_timeout)
+                running.cancel()  # tail, checkpoints, control socket: the final upload owns coderd now
+                status = await _shutdown(daemon, deadline, signals, tg)
+                with anyio.move_on_after(1):
+                    await daemon.persist()  # the buffer as it was at the stop, for the next start
+                tg.cancel_scope.cancel()
+    try:
+        settings.socket.unlink(missing_ok=True)
+    except OSError:
+        pass
+    notifier.close()
     return status
 
 
-async def _shutdown(daemon: Daemon, deadline: float, signals, tg: anyio.abc.TaskGroup) -> int:
+async def _shutdown(daemon: Daemon, deadline: float, signals: Any, tg: anyio.abc.TaskGroup) -> int:
     gave_up = False
     with anyio.CancelScope() as scope:
 
@@ -142,9 +332,21 @@ async def _shutdown(daemon: Daemon, deadline: float, signals, tg: anyio.abc.Task
 
         tg.start_soon(second_signal)
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time()) + 0.5):
-            outcome = await daemon.store(deadline)
-            return EXIT_STORED if outcome is None or outcome.stored else EXIT_NOT_STORED
+            result = await daemon.store(deadline)
+            return EXIT_STORED if result.ok else EXIT_NOT_STORED
         log.error("snapshot not stored: shutdown deadline passed")
     if gave_up:
         log.error("snapshot not stored: gave up on a second signal")
     return EXIT_NOT_STORED
+
+
+async def store_once(settings: Settings, timeout: float) -> StoreResult:
+    """``agentd snapshot`` with no daemon: persisted buffer + ``GET /messages``, trimmed, uploaded.
+
+    The state file is updated afterwards, so a daemon started later knows what coderd holds.
+    """
+    add_secret(settings.token)
+    async with http_client(settings) as client:
+        daemon = Daemon(settings, client)
+        daemon.load()
+        return await daemon.store(anyio.current_time() + timeout, why="snapshot without daemon")

@@ -18,6 +18,7 @@ import httpx
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agentd.control import default_socket_path
 from agentd.snapshot import CODERD_MAX_BODY, MIN_MAX_BYTES
 
 EX_CONFIG = 78  # sysexits.h: configuration error
@@ -41,6 +42,7 @@ class Settings(BaseSettings):
     """agentd's settings. Environment names are given by each field's alias.
 
     Units: ``shutdown_timeout`` and ``checkpoint_interval`` in seconds, ``max_bytes`` in bytes.
+    ``socket`` is the control socket's path (see :func:`agentd.control.default_socket_path`).
     """
 
     model_config = SettingsConfigDict(env_prefix="AGENTD_", populate_by_name=True, extra="ignore")
@@ -59,6 +61,8 @@ class Settings(BaseSettings):
     # Docker sends SIGKILL 10 s after SIGTERM; 8 s leaves room for start-up and exit.
     shutdown_timeout: float = Field(default=8.0, gt=0, le=3600)
     state_dir: Path = Field(default_factory=default_state_dir)
+    checkpoint_interval: float = Field(default=60.0, ge=0)
+    socket: Path | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     ca_file: Path | None = None
@@ -92,6 +96,8 @@ class Settings(BaseSettings):
             self.agent_token = SecretStr(token)
         if self.agent_token is None or not self.agent_token.get_secret_value().strip():
             raise ValueError("set CODER_AGENT_TOKEN or CODER_AGENT_TOKEN_FILE")
+        if self.socket is None:
+            self.socket = default_socket_path(self.state_dir)
         return self
 
     @property
