@@ -43,13 +43,14 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     flags.add_argument("--ca-file", metavar="PATH", help="CA bundle for coderd's TLS certificate [AGENTD_CA_FILE]")
     flags.add_argument("--checkpoint-interval", metavar="SECONDS", help="least time between checkpoint uploads, 0 off [AGENTD_CHECKPOINT_INTERVAL]")
     flags.add_argument("--socket", metavar="PATH", help="control socket [AGENTD_SOCKET]")
+    flags.add_argument("--child-stop-timeout", metavar="SECONDS", help="supervise: time the child gets to exit [AGENTD_CHILD_STOP_TIMEOUT]")
     flags.add_argument("--log-format", metavar="FORMAT", help="json, console or auto [AGENTD_LOG_FORMAT]")
     flags.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error [AGENTD_LOG_LEVEL]")
 
 
 _SETTING_FLAGS = (
     "coderd_url agent_token agent_token_file task_id agentapi_url max_messages max_bytes "
-    "shutdown_timeout state_dir ca_file checkpoint_interval socket log_format log_level"
+    "shutdown_timeout state_dir ca_file checkpoint_interval socket child_stop_timeout log_format log_level"
 ).split()
 
 
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="tail agentapi; store the snapshot on SIGTERM/SIGINT")
     _add_settings_flags(run)
+    sup = sub.add_parser("supervise", help="container entrypoint: run COMMAND as a child and tail it as run does")
+    _add_settings_flags(sup)
+    sup.add_argument("child", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the command to run, e.g. agentapi server -- claude")
     snap = sub.add_parser("snapshot", help="store the snapshot now (via the daemon, or directly without one)")
     snap.add_argument("--timeout", type=float, default=8.0, metavar="SECONDS", help="give up after this long (default 8)")
     _add_settings_flags(snap)
@@ -108,11 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             from agentd.demo import main as demo_main
 
             return demo_main(args)
-        if args.command == "run":
+        if args.command in ("run", "supervise"):
+            command = None
+            if args.command == "supervise":
+                command = args.child[1:] if args.child[:1] == ["--"] else args.child
+                if not command:
+                    print("agentd: supervise needs a command: agentd supervise -- COMMAND [ARGS...]", file=sys.stderr)
+                    return 2
             settings = settings_from(args)
             logs.configure(settings.log_format, settings.log_level)
             logs.add_secret(settings.token)
-            return anyio.run(daemon.run, settings, backend=_backend())
+            return anyio.run(daemon.run, settings, command, backend=_backend())
         logs.configure(
             getattr(args, "log_format", None) or os.environ.get("AGENTD_LOG_FORMAT", "auto").lower(),
             getattr(args, "log_level", None) or os.environ.get("AGENTD_LOG_LEVEL", "warning").lower(),

@@ -24,6 +24,7 @@ import os
 import signal
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,12 +41,14 @@ from agentd.sdnotify import Notifier
 from agentd.settings import Settings
 from agentd.snapshot import Snapshot, build_snapshot
 from agentd.state import SavedState, StateStore, as_dict
+from agentd.supervise import FORWARDED, Child, exit_status, reaper
 
 log = get_logger("agentd.daemon")
 
 EXIT_STORED = 0
 EXIT_NOT_STORED = 1
 EX_CANTCREAT = 73  # sysexits.h: another daemon holds the control socket
+EX_NOINPUT_CHILD = 127  # as shells do: the command to supervise could not be executed
 
 #: Final refresh timeout, seconds: short, and at most a quarter of the time left.
 FINAL_REFRESH_TIMEOUT = 1.0
@@ -263,11 +266,19 @@ def http_client(settings: Settings) -> httpx.AsyncClient:
     return httpx.AsyncClient(verify=verify, trust_env=False, timeout=5.0)
 
 
-async def run(settings: Settings) -> int:
-    """Run the daemon until SIGTERM/SIGINT, then store the snapshot. Returns the exit status."""
+async def run(settings: Settings, command: Sequence[str] | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT, then store the snapshot. Returns the exit status.
+
+    With ``command`` (``agentd supervise``) the daemon also starts it as its child, forwards
+    SIGHUP and SIGUSR1 to it, and on SIGTERM/SIGINT stores the snapshot *while the child is
+    still alive* (within ``shutdown_timeout - child_stop_timeout`` seconds), then forwards the
+    signal, waits up to ``child_stop_timeout`` seconds and kills it if it must. If the child
+    exits on its own the snapshot is stored too. Either way the exit status is the child's.
+    """
     add_secret(settings.token)
     notifier = Notifier()
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    wanted = (signal.SIGTERM, signal.SIGINT, *(FORWARDED if command else ()))
+    with anyio.open_signal_receiver(*wanted) as signals:
         async with http_client(settings) as client:
             daemon = Daemon(settings, client, notifier)
             daemon.load()
@@ -276,6 +287,14 @@ async def run(settings: Settings) -> int:
             except control.ControlError as exc:
                 log.error("cannot start", error=str(exc))
                 return EX_CANTCREAT
+            child = None
+            if command:
+                try:
+                    child = await Child.start(command)
+                except OSError as exc:
+                    log.error("cannot start the child", command=command[0], error=exc.strerror or str(exc))
+                    await listener.aclose()
+                    return EX_NOINPUT_CHILD
             async with listener, anyio.create_task_group() as tg:
                 running = anyio.CancelScope()
 
@@ -289,6 +308,9 @@ async def run(settings: Settings) -> int:
 
                 tg.start_soon(background)
                 tg.start_soon(notifier.watchdog)
+                tg.start_soon(reaper, child.process.pid if child else None)
+                if child:
+                    tg.start_soon(child.wait)
                 notifier.notify("READY=1")
                 notifier.status(daemon.status_line())
                 log.info(
@@ -301,14 +323,23 @@ async def run(settings: Settings) -> int:
                     max_bytes=settings.max_bytes,
                     shutdown_timeout=settings.shutdown_timeout,
                 )
-                signum = early_signals[0] if early_signals else await signals.__anext__()
-                deadline = anyio.current_time() + settings.shutdown_timeout
+                signum = early_signals[0] if early_signals else await _wait_for_stop(signals, child)
+                started = anyio.current_time()
+                budget = settings.shutdown_timeout
+                if child is not None and signum is not None:
+                    budget = max(budget / 2, budget - settings.child_stop_timeout)
                 notifier.notify("STOPPING=1")
-                log.info("shutting down", signal=signal.Signals(signum).name, timeout=settings.shutdown_timeout)
+                why = signal.Signals(signum).name if signum is not None else "child exited"
+                log.info("shutting down", why=why, timeout=settings.shutdown_timeout)
                 running.cancel()  # tail, checkpoints, control socket: the final upload owns coderd now
-                status = await _shutdown(daemon, deadline, signals, tg)
+                status = await _shutdown(daemon, started + budget, signals, tg, child)
                 with anyio.move_on_after(1):
                     await daemon.persist()  # the buffer as it was at the stop, for the next start
+                if child is not None:
+                    if child.exited.is_set():
+                        status = exit_status(child.returncode)
+                    else:
+                        status = await child.stop(signum or signal.SIGTERM, settings.child_stop_timeout)
                 tg.cancel_scope.cancel()
     try:
         settings.socket.unlink(missing_ok=True)
@@ -318,13 +349,42 @@ async def run(settings: Settings) -> int:
     return status
 
 
-async def _shutdown(daemon: Daemon, deadline: float, signals: Any, tg: anyio.abc.TaskGroup) -> int:
+async def _wait_for_stop(signals: Any, child: Child | None) -> int | None:
+    """The stop signal's number, or None when the child exited first. Forwards SIGHUP/SIGUSR1."""
+    stop: int | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def on_signal() -> None:
+            nonlocal stop
+            async for signum in signals:
+                if child is not None and signum in FORWARDED:
+                    child.send(signum)
+                    continue
+                stop = signum
+                tg.cancel_scope.cancel()
+                return
+
+        async def on_exit() -> None:
+            assert child is not None
+            await child.exited.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(on_signal)
+        if child is not None:
+            tg.start_soon(on_exit)
+    return stop
+
+
+async def _shutdown(daemon: Daemon, deadline: float, signals: Any, tg: anyio.abc.TaskGroup, child: Child | None) -> int:
     gave_up = False
     with anyio.CancelScope() as scope:
 
         async def second_signal() -> None:
             nonlocal gave_up
             async for signum in signals:
+                if child is not None and signum in FORWARDED:
+                    child.send(signum)
+                    continue
                 log.error("second signal: giving up on the snapshot", signal=signal.Signals(signum).name)
                 gave_up = True
                 scope.cancel()

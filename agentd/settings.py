@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(default=8.0, gt=0, le=3600)
     state_dir: Path = Field(default_factory=default_state_dir)
     checkpoint_interval: float = Field(default=60.0, ge=0)
+    # supervise: of shutdown_timeout, the time the child gets to exit after the snapshot.
+    child_stop_timeout: float = Field(default=3.0, gt=0, le=3600)
     socket: Path | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

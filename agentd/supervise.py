@@ -1,0 +1,105 @@
+"""The supervised child for ``agentd supervise -- COMMAND``: start, signal, wait, reap.
+
+The orchestrator (:mod:`agentd.daemon`) decides *when*; this module knows *how*:
+
+* the child (typically ``agentapi server -- claude``) inherits stdin, stdout and stderr, so its
+  output passes straight through;
+* :meth:`Child.stop` forwards a signal, waits up to a bound (seconds) and SIGKILLs if it must;
+* :func:`exit_status` mirrors the child's status the way shells do (128 + signal number for a
+  signalled child);
+* as PID 1 (a container without an init) :func:`reap_orphans` reaps re-parented grandchildren
+  without stealing the direct child's exit status (``waitid`` with ``WNOWAIT`` peeks first).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Sequence
+
+import anyio
+import anyio.abc
+
+from agentd.logs import get_logger
+
+log = get_logger("agentd.supervise")
+
+#: Signals passed on to the child as they arrive (SIGTERM/SIGINT are handled by the shutdown).
+FORWARDED = (signal.SIGHUP, signal.SIGUSR1)
+
+
+def exit_status(returncode: int) -> int:
+    """The status to exit with for a child's ``returncode`` (negative: killed by that signal)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Child:
+    """One supervised process. ``exited`` is set once it has exited; ``returncode`` then holds its status."""
+
+    def __init__(self, process: anyio.abc.Process, command: Sequence[str]) -> None:
+        self.process = process
+        self.command = list(command)
+        self.exited = anyio.Event()
+        self.returncode: int | None = None
+
+    @classmethod
+    async def start(cls, command: Sequence[str]) -> Child:
+        """Start ``command`` with inherited stdio. Raises OSError if it cannot be executed."""
+        process = await anyio.open_process(list(command), stdin=None, stdout=None, stderr=None)
+        log.info("child started", pid=process.pid, command=command[0])
+        return cls(process, command)
+
+    async def wait(self) -> None:
+        """Wait for the child to exit and record its status (run as a task)."""
+        self.returncode = await self.process.wait()
+        self.exited.set()
+        log.info("child exited", pid=self.process.pid, status=exit_status(self.returncode))
+
+    def send(self, signum: int) -> None:
+        """Send ``signum`` unless the child has already exited."""
+        if self.exited.is_set():
+            return
+        try:
+            self.process.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    async def stop(self, signum: int, timeout: float) -> int:
+        """Send ``signum``, wait up to ``timeout`` seconds, then SIGKILL. Returns the exit status."""
+        self.send(signum)
+        with anyio.move_on_after(timeout):
+            await self.exited.wait()
+        if not self.exited.is_set():
+            log.warning("child did not exit in time; killing it", pid=self.process.pid, waited=timeout)
+            self.send(signal.SIGKILL)
+            with anyio.move_on_after(5):
+                await self.exited.wait()
+        return exit_status(self.returncode if self.returncode is not None else -signal.SIGKILL)
+
+
+def reap_orphans(child_pid: int | None) -> int:
+    """Reap exited processes other than ``child_pid``; returns how many. For PID 1 only."""
+    reaped = 0
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return reaped
+        if info is None or info.si_pid == 0 or info.si_pid == child_pid:
+            return reaped  # nothing exited, or only our own child (its waiter collects it)
+        try:
+            os.waitpid(info.si_pid, os.WNOHANG)
+            reaped += 1
+        except ChildProcessError:
+            pass
+
+
+async def reaper(child_pid: int | None, interval: float = 0.5) -> None:
+    """Reap orphans every ``interval`` seconds when this process is PID 1, until cancelled."""
+    if os.getpid() != 1:
+        return
+    while True:
+        count = reap_orphans(child_pid)
+        if count:
+            log.debug("reaped orphans", count=count)
+        await anyio.sleep(interval)
