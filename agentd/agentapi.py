@@ -158,7 +158,7 @@ class AgentAPITail:
                 raise _NoEvents
             if status != 200:
                 raise AgentAPIError(f"GET /events answered {status}")
-            replay: list[Message] | None = []  # None once the replay is over
+            replay: dict[int, Message] | None = {}  # by id; None once the replay is over
             async for event in source.aiter_sse():
                 try:
                     data = json.loads(event.data)
@@ -166,11 +166,13 @@ class AgentAPITail:
                         message = parse_message(data, content_key="message")
                         if replay is None:
                             self._apply(message)
-                        else:
-                            replay.append(message)
+                        else:  # keep only what the buffer could hold: memory stays bounded
+                            replay[message.id] = self.buffer.clip(message)
+                            if len(replay) > self.buffer.max_messages:
+                                del replay[min(replay)]
                     elif event.event == "status_change":
                         if replay is not None:  # the replay ends with the first status_change
-                            self._merge(sorted(replay, key=lambda m: m.id))
+                            self._merge([replay[i] for i in sorted(replay)])
                             replay = None
                             self._set_state("connected")
                         self._set_agent_status(data.get("status") if isinstance(data, dict) else None)

@@ -98,12 +98,17 @@ class RingBuffer:
         self._source_newest = None
         self.resets += 1
 
+    def clip(self, message: Message) -> Message:
+        """``message`` with at most its last ``max_chars`` characters (the rest counted in ``elided``)."""
+        if len(message.content) <= self.max_chars:
+            return message
+        cut = len(message.content) - self.max_chars
+        return replace(message, content=message.content[cut:], elided=message.elided + cut)
+
     def _put(self, message: Message) -> bool:
         if self._offset:
             message = replace(message, id=message.id + self._offset)
-        if len(message.content) > self.max_chars:
-            cut = len(message.content) - self.max_chars
-            message = replace(message, content=message.content[cut:], elided=message.elided + cut)
+        message = self.clip(message)
         held = self._by_id.get(message.id)
         if held == message:
             return False

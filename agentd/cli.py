@@ -107,6 +107,12 @@ def _say(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in ("run", "supervise", "demo"):
+        # Client commands stop on SIGTERM/SIGINT like any short-lived command.
+        if daemon.early_signals:
+            return 128 + daemon.early_signals[0]
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.command == "demo":
             from agentd.demo import main as demo_main

@@ -99,10 +99,13 @@ def fingerprint(snapshot: Snapshot) -> str:
 
 @dataclass
 class Daemon:
-    """The daemon's parts: source, buffer, sink, state. Shared by the lifecycle steps."""
+    """The daemon's parts: source, buffer, sink, state. Shared by the lifecycle steps.
+
+    Use as ``async with Daemon(settings) as daemon:``, which opens and closes its two HTTP
+    clients (see :func:`agentapi_client` and :func:`coderd_client`).
+    """
 
     settings: Settings
-    client: httpx.AsyncClient
     notifier: Notifier = field(default_factory=Notifier)
     buffer: RingBuffer = field(init=False)
     tail: AgentAPITail = field(init=False)
@@ -114,13 +117,23 @@ class Daemon:
 
     def __post_init__(self) -> None:
         s = self.settings
+        self.agentapi_client = agentapi_client()
+        self.coderd_client = coderd_client(s)
         self.buffer = RingBuffer(s.max_messages, max_chars=s.max_bytes)
-        self.tail = AgentAPITail(self.client, s.agentapi_url, self.buffer, on_status=self._on_agent_status)
-        self.uploader = CoderdUploader(self.client, s.coderd_url, s.token, s.task_id)
+        self.tail = AgentAPITail(self.agentapi_client, s.agentapi_url, self.buffer, on_status=self._on_agent_status)
+        self.uploader = CoderdUploader(self.coderd_client, s.coderd_url, s.token, s.task_id)
         self.state = StateStore(s.state_dir, s.task_id)
         self._upload_lock = anyio.Lock()
         self._turn_finished = anyio.Event()
         self._saved_version = -1
+
+    async def __aenter__(self) -> Daemon:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.agentapi_client.aclose()
+            await self.coderd_client.aclose()
 
     # -- state -----------------------------------------------------------------------------
 
@@ -147,7 +160,7 @@ class Daemon:
     async def refresh(self, timeout: float) -> None:
         """Merge one ``GET /messages`` into the buffer; on failure keep the buffer as it is."""
         try:
-            view = await fetch_messages(self.client, self.settings.agentapi_url, timeout)
+            view = await fetch_messages(self.agentapi_client, self.settings.agentapi_url, timeout)
         except AgentAPIError as exc:
             log.warning("refresh failed; using the buffer as it is", error=str(exc))
             return
@@ -257,13 +270,18 @@ def _upload_dict(outcome: UploadOutcome | None) -> dict[str, Any] | None:
     }
 
 
-def http_client(settings: Settings) -> httpx.AsyncClient:
-    """The shared HTTP client. Trusts ``AGENTD_CA_FILE`` (else ``$SSL_CERT_FILE``) when given."""
+def agentapi_client() -> httpx.AsyncClient:
+    """The client for agentapi, a local server: no proxies from the environment."""
+    return httpx.AsyncClient(trust_env=False, timeout=5.0)
+
+
+def coderd_client(settings: Settings) -> httpx.AsyncClient:
+    """The client for coderd: honours ``HTTPS_PROXY``/``NO_PROXY`` and ``SSL_CERT_FILE`` as
+    httpx does, and trusts ``AGENTD_CA_FILE`` when given."""
     verify: ssl.SSLContext | bool = True
-    cafile = settings.ca_file or os.environ.get("SSL_CERT_FILE") or None
-    if cafile is not None:
-        verify = ssl.create_default_context(cafile=str(cafile))
-    return httpx.AsyncClient(verify=verify, trust_env=False, timeout=5.0)
+    if settings.ca_file is not None:
+        verify = ssl.create_default_context(cafile=str(settings.ca_file))
+    return httpx.AsyncClient(verify=verify, trust_env=True, timeout=5.0)
 
 
 async def run(settings: Settings, command: Sequence[str] | None = None) -> int:
@@ -279,8 +297,7 @@ async def run(settings: Settings, command: Sequence[str] | None = None) -> int:
     notifier = Notifier()
     wanted = (signal.SIGTERM, signal.SIGINT, *(FORWARDED if command else ()))
     with anyio.open_signal_receiver(*wanted) as signals:
-        async with http_client(settings) as client:
-            daemon = Daemon(settings, client, notifier)
+        async with Daemon(settings, notifier) as daemon:
             daemon.load()
             try:
                 listener = await control.open_listener(settings.socket)
@@ -406,7 +423,6 @@ async def store_once(settings: Settings, timeout: float) -> StoreResult:
     The state file is updated afterwards, so a daemon started later knows what coderd holds.
     """
     add_secret(settings.token)
-    async with http_client(settings) as client:
-        daemon = Daemon(settings, client)
+    async with Daemon(settings) as daemon:
         daemon.load()
         return await daemon.store(anyio.current_time() + timeout, why="snapshot without daemon")
