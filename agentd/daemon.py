@@ -366,20 +366,25 @@ async def run(settings: Settings, command: Sequence[str] | None = None) -> int:
     return status
 
 
+async def _next_stop_signal(signals: Any, child: Child | None) -> int:
+    """Wait for SIGTERM/SIGINT and return its number; SIGHUP/SIGUSR1 go on to the child."""
+    async for signum in signals:
+        if child is not None and signum in FORWARDED:
+            child.send(signum)
+            continue
+        return signum
+    raise RuntimeError("signal receiver closed")
+
+
 async def _wait_for_stop(signals: Any, child: Child | None) -> int | None:
-    """The stop signal's number, or None when the child exited first. Forwards SIGHUP/SIGUSR1."""
+    """The stop signal's number, or None when the child exited first."""
     stop: int | None = None
     async with anyio.create_task_group() as tg:
 
         async def on_signal() -> None:
             nonlocal stop
-            async for signum in signals:
-                if child is not None and signum in FORWARDED:
-                    child.send(signum)
-                    continue
-                stop = signum
-                tg.cancel_scope.cancel()
-                return
+            stop = await _next_stop_signal(signals, child)
+            tg.cancel_scope.cancel()
 
         async def on_exit() -> None:
             assert child is not None
@@ -398,14 +403,10 @@ async def _shutdown(daemon: Daemon, deadline: float, signals: Any, tg: anyio.abc
 
         async def second_signal() -> None:
             nonlocal gave_up
-            async for signum in signals:
-                if child is not None and signum in FORWARDED:
-                    child.send(signum)
-                    continue
-                log.error("second signal: giving up on the snapshot", signal=signal.Signals(signum).name)
-                gave_up = True
-                scope.cancel()
-                return
+            signum = await _next_stop_signal(signals, child)
+            log.error("second signal: giving up on the snapshot", signal=signal.Signals(signum).name)
+            gave_up = True
+            scope.cancel()
 
         tg.start_soon(second_signal)
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time()) + 0.5):
