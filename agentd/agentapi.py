@@ -53,7 +53,7 @@ async def fetch_messages(client: httpx.AsyncClient, base_url: str, timeout: floa
         raise AgentAPIError(f"GET /messages answered {response.status_code}")
     try:
         messages, problems = parse_messages(response.json())
-    except (ValueError, InvalidMessage) as exc:
+    except (ValueError, InvalidMessage, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise AgentAPIError(f"GET /messages body unusable: {exc}") from None
     for problem in problems:
         log.warning("message skipped", reason=problem)
@@ -185,12 +185,12 @@ class AgentAPITail:
                             time=fields.get("time"),
                         )
                     else:
-                        log.debug("unknown agentapi event skipped", event=event.event[:60])
+                        log.debug("unknown agentapi event skipped", sse_event=event.event[:60])
                         continue
                     self.events_applied += 1
-                except (ValueError, InvalidMessage, AttributeError) as exc:
+                except (ValueError, InvalidMessage, AttributeError, RecursionError) as exc:
                     self.events_skipped += 1
-                    log.warning("malformed agentapi event skipped", event=event.event[:60], reason=_short(exc))
+                    log.warning("malformed agentapi event skipped", sse_event=event.event[:60], reason=_short(exc))
 
     async def _poll(self) -> None:
         if self.state != "polling":
@@ -215,7 +215,7 @@ class AgentAPITail:
         try:
             response = await self.client.get(f"{self.base_url}/status", timeout=self.connect_timeout)
             self._set_agent_status(response.json().get("status"))
-        except (httpx.HTTPError, ValueError, AttributeError):
+        except (httpx.HTTPError, ValueError, AttributeError, RecursionError):
             pass  # the status only drives checkpoints; the messages are what matter
 
 
