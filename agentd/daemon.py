@@ -19,6 +19,7 @@ already holds this exact body), 1 not stored. A second SIGTERM/SIGINT gives up a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -299,20 +300,26 @@ async def run(settings: Settings, command: Sequence[str] | None = None) -> int:
     with anyio.open_signal_receiver(*wanted) as signals:
         async with Daemon(settings, notifier) as daemon:
             daemon.load()
+            listener: anyio.abc.Listener[Any] | None
             try:
                 listener = await control.open_listener(settings.socket)
-            except control.ControlError as exc:
+            except control.SocketInUse as exc:
                 log.error("cannot start", error=str(exc))
                 return EX_CANTCREAT
+            except control.ControlError as exc:  # e.g. a read-only state dir: storing matters more
+                log.warning("running without the control socket; agentd snapshot/status cannot reach this daemon", error=str(exc))
+                listener = None
             child = None
             if command:
                 try:
                     child = await Child.start(command)
                 except OSError as exc:
                     log.error("cannot start the child", command=command[0], error=exc.strerror or str(exc))
-                    await listener.aclose()
+                    if listener is not None:
+                        await listener.aclose()
+                        settings.socket.unlink(missing_ok=True)  # ours: leave no socket behind
                     return EX_NOINPUT_CHILD
-            async with listener, anyio.create_task_group() as tg:
+            async with listener or contextlib.nullcontext(), anyio.create_task_group() as tg:
                 running = anyio.CancelScope()
 
                 async def background() -> None:
@@ -321,7 +328,8 @@ async def run(settings: Settings, command: Sequence[str] | None = None) -> int:
                             inner.start_soon(daemon.tail.run)
                             inner.start_soon(daemon.persist_loop)
                             inner.start_soon(daemon.checkpoint_loop)
-                            inner.start_soon(control.serve, listener, daemon.handle)
+                            if listener is not None:
+                                inner.start_soon(control.serve, listener, daemon.handle)
 
                 tg.start_soon(background)
                 tg.start_soon(notifier.watchdog)
@@ -358,10 +366,11 @@ async def run(settings: Settings, command: Sequence[str] | None = None) -> int:
                     else:
                         status = await child.stop(signum or signal.SIGTERM, settings.child_stop_timeout)
                 tg.cancel_scope.cancel()
-    try:
-        settings.socket.unlink(missing_ok=True)
-    except OSError:
-        pass
+    if listener is not None:  # only the socket this daemon made
+        try:
+            settings.socket.unlink(missing_ok=True)
+        except OSError:
+            pass
     notifier.close()
     return status
 
