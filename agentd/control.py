@@ -36,6 +36,10 @@ class ControlError(Exception):
     """The control socket could not be used; the text names the path and why."""
 
 
+class SocketInUse(ControlError):
+    """Another daemon answers on the control socket."""
+
+
 #: Where the systemd unit's daemon listens ($RUNTIME_DIRECTORY=/run/agentd).
 SYSTEMD_SOCKET = Path("/run/agentd") / SOCKET_NAME
 
@@ -73,14 +77,18 @@ def _alive(path: Path) -> bool:
 async def open_listener(path: Path) -> anyio.abc.Listener[anyio.abc.SocketStream]:
     """Listen on ``path`` (mode 0600), replacing a stale socket.
 
-    Raises :class:`ControlError` if another daemon answers there or the path cannot be bound.
+    Raises :class:`SocketInUse` if another daemon answers there, :class:`ControlError` if the
+    path cannot be bound (its directory cannot be made, a read-only disk, ...).
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.exists() or path.is_symlink():
-        if _alive(path):
-            raise ControlError(f"another agentd is already listening on {path}")
-        path.unlink()
-        log.info("replaced a stale control socket", path=str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.exists() or path.is_symlink():
+            if _alive(path):
+                raise SocketInUse(f"another agentd is already listening on {path}")
+            path.unlink()
+            log.info("replaced a stale control socket", path=str(path))
+    except OSError as exc:
+        raise ControlError(f"cannot listen on {path}: {exc.strerror or exc}") from None
     old_umask = os.umask(0o177)
     try:
         listener = await anyio.create_unix_listener(path)

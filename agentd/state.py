@@ -57,7 +57,7 @@ class StateStore:
         """The saved state, or an empty one if there is none or it cannot be used."""
         try:
             raw = self.path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no state yet (or no directory: save warns)
             return SavedState()
         except OSError as exc:
             log.warning("state file unreadable; starting empty", path=str(self.path), error=exc.strerror)
