@@ -181,7 +181,7 @@ class AgentAPITail:
                         log.warning(
                             "agent error",
                             message=str(fields.get("message"))[:500],
-                            level=fields.get("level"),
+                            agent_level=fields.get("level"),
                             time=fields.get("time"),
                         )
                     else:
