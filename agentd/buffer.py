@@ -81,16 +81,24 @@ class RingBuffer:
             changed |= self.apply(message)
         return changed
 
-    def restore(self, messages: Iterable[Message]) -> None:
+    @property
+    def offset(self) -> int:
+        """What is added to agentapi's ids (non-zero after agentapi restarted without its state)."""
+        return self._offset
+
+    def restore(self, messages: Iterable[Message], offset: int = 0) -> None:
         """Load messages already in the buffer's own numbering (from the persisted state).
 
-        agentapi's numbering is unknown after a restore, so the next full view from agentapi
-        decides: the same conversation merges by id, a shorter one is appended after.
+        ``offset`` is the :attr:`offset` they were saved with: agentapi's own ids are the held
+        ones minus it, so its next full view of the same conversation merges by id; a shorter
+        one (agentapi restarted again without its state) is appended after.
         """
+        self._offset = 0
         for message in messages:
             self._put(message)
-        self._source_newest = self.newest_id
-        self._offset = 0
+        newest = self.newest_id
+        self._offset = max(0, offset)
+        self._source_newest = newest - self._offset if newest is not None and newest >= self._offset else None
 
     def _restart_numbering(self) -> None:
         newest = self.newest_id

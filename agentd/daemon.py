@@ -142,7 +142,7 @@ class Daemon:
         """Restore the persisted buffer, acknowledged fingerprint and last upload."""
         saved = self.state.load()
         if saved.messages:
-            self.buffer.restore(saved.messages)
+            self.buffer.restore(saved.messages, saved.offset)
             log.info("restored the persisted buffer", messages=len(saved.messages), newest_id=self.buffer.newest_id)
         self.acked, self.last_upload = saved.acked, saved.last_upload
         self._saved_version = self.buffer.version
@@ -152,7 +152,7 @@ class Daemon:
         if not force and self.buffer.version == self._saved_version:
             return
         version = self.buffer.version
-        snapshot = SavedState(self.buffer.messages(), self.acked, self.last_upload)
+        snapshot = SavedState(self.buffer.messages(), self.acked, self.last_upload, self.buffer.offset)
         await anyio.to_thread.run_sync(self.state.save, snapshot)
         self._saved_version = version
 

@@ -4,7 +4,7 @@ One JSON file per state directory, ``state.json``, written atomically (temp file
 directory, fsync, rename, fsync of the directory; mode 0600) and read back on start::
 
     {"version": 1, "task_id": "<uuid>", "messages": [{"id","role","content","time","elided"}],
-     "acked": "<sha256 of the last body coderd stored>" | null,
+     "acked": "<sha256 of the last body coderd stored>" | null, "offset": <int>,
      "last_upload": {"stored","status","attempts","bytes","messages","reason","at"} | null}
 
 Failures never stop the daemon: a corrupt or unreadable file is logged and moved aside
@@ -39,6 +39,8 @@ class SavedState:
     messages: list[Message] = field(default_factory=list)
     acked: str | None = None
     last_upload: UploadOutcome | None = None
+    #: The ring buffer's offset to agentapi's ids (see :attr:`RingBuffer.offset`).
+    offset: int = 0
 
 
 class StateStore:
@@ -79,7 +81,10 @@ class StateStore:
             last = data.get("last_upload")
             outcome = UploadOutcome(**last) if isinstance(last, dict) else None
             acked = data.get("acked") if isinstance(data.get("acked"), str) else None
-            return SavedState(sorted(messages, key=lambda m: m.id), acked, outcome)
+            offset = data.get("offset", 0)
+            if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+                raise ValueError(f"offset {offset!r:.40} is not a non-negative integer")
+            return SavedState(sorted(messages, key=lambda m: m.id), acked, outcome, offset)
         except (ValueError, TypeError, InvalidMessage) as exc:
             aside = self.path.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
             try:
@@ -99,6 +104,7 @@ class StateStore:
             "messages": [asdict(m) for m in state.messages],
             "acked": state.acked,
             "last_upload": asdict(state.last_upload) if state.last_upload else None,
+            "offset": state.offset,
         }
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
