@@ -10,12 +10,16 @@ from __future__ import annotations
 import signal
 import sys
 
-from agentd import daemon
-
 # Until the event loop installs its handlers, remember SIGTERM/SIGINT instead of dying: a stop
-# that arrives during start-up still stores the snapshot.
+# that arrives during start-up still stores the snapshot. Installed before importing the daemon,
+# whose imports take a while (~0.2 s); only the interpreter's own start-up stays uncovered.
+_early_signals: list[int] = []
 for _signum in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(_signum, lambda signum, _frame: daemon.early_signals.append(signum))
+    signal.signal(_signum, lambda signum, _frame: _early_signals.append(signum))
+
+from agentd import daemon  # noqa: E402
+
+daemon.early_signals = _early_signals
 
 import argparse  # noqa: E402
 import os  # noqa: E402
