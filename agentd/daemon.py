@@ -412,7 +412,8 @@ async def _shutdown(daemon: Daemon, deadline: float, signals: Any, tg: anyio.abc
 
         async def second_signal() -> None:
             nonlocal gave_up
-            signum = await _next_stop_signal(signals, child)
+            # Two stops during start-up (before the receiver existed) count as a second signal too.
+            signum = early_signals[1] if len(early_signals) > 1 else await _next_stop_signal(signals, child)
             log.error("second signal: giving up on the snapshot", signal=signal.Signals(signum).name)
             gave_up = True
             scope.cancel()
