@@ -127,6 +127,7 @@ class Daemon:
         self._upload_lock = anyio.Lock()
         self._turn_finished = anyio.Event()
         self._saved_version = -1
+        self._checkpoint: anyio.CancelScope | None = None  # the checkpoint upload in flight
 
     async def __aenter__(self) -> Daemon:
         return self
@@ -237,8 +238,17 @@ class Daemon:
             await anyio.sleep(max(0.0, last + interval - anyio.current_time()))
             self._turn_finished = anyio.Event()
             last = anyio.current_time()
-            result = await self.store(last + CHECKPOINT_TIMEOUT, refresh=False, why="checkpoint")
-            log.info("checkpoint", result=result.result)
+            with anyio.CancelScope() as self._checkpoint:
+                result = await self.store(last + CHECKPOINT_TIMEOUT, refresh=False, why="checkpoint")
+                log.info("checkpoint", result=result.result)
+            self._checkpoint = None
+
+    def _supersede_checkpoint(self) -> None:
+        """A snapshot request does not wait behind a checkpoint (up to CHECKPOINT_TIMEOUT): it
+        cancels it and uploads the fresher view itself, within its own timeout."""
+        if self._checkpoint is not None:
+            log.info("checkpoint in flight superseded by a snapshot request")
+            self._checkpoint.cancel()
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         """Answer one control-socket request."""
@@ -248,6 +258,7 @@ class Daemon:
         if command == "snapshot":
             timeout = request.get("timeout")
             timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else self.settings.shutdown_timeout
+            self._supersede_checkpoint()
             result = await self.store(anyio.current_time() + timeout, why="snapshot request")
             return {"ok": True, **result.as_dict()}
         return {"ok": False, "error": f"unknown command {str(command)[:40]!r}"}
