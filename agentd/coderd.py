@@ -93,6 +93,19 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def _why(exc: BaseException) -> str:
+    """``Type: text`` for a transport error. When it has no text, the text of the first cause
+    that has one: on trio a TLS failure reaches httpx as a bare ``BrokenResourceError``, and
+    "certificate verify failed" is only in the ``SSLCertVerificationError`` behind it."""
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None or str(cause):
+            break
+        cause = cause.__cause__ or cause.__context__
+    text = str(cause) if cause is not None else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _coderd_error(response: httpx.Response) -> str:
     """coderd's ``message`` and ``detail`` from a JSON error body, or the start of the body."""
     try:
@@ -212,7 +225,7 @@ class CoderdUploader:
         except httpx.TimeoutException as exc:
             raise _Retryable(f"coderd timed out ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
-            raise _Retryable(f"cannot reach coderd: {type(exc).__name__}: {exc}".rstrip(": ")) from None
+            raise _Retryable(f"cannot reach coderd: {_why(exc)}") from None
         status = response.status_code
         if status == 204 or 200 <= status < 300:
             return status
