@@ -1,0 +1,915 @@
+"""Fault suite (issue 5): agentd as a real process against the stand-ins on loopback.
+
+Every case runs ``python -m agentd run`` as a child process, on the same anyio backend as the
+test (``AGENTD_ASYNC_BACKEND``), against :class:`FakeAgentAPI` / :class:`FakeCoderd` served
+in-process by the test (or as processes where a process must be killed or restarted). Each case
+asserts what must hold: the snapshot stored (or the documented outcome), the exit status, a
+bounded wall time, no traceback, and the agent token never printed.
+
+Wall times are printed as ``FAULT-TIMING <case> <seconds>`` (see them with ``-s``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from agentd import control
+from agentd.testing import Exchange, FakeAgentAPI, FakeCoderd, serve
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+TOKEN = "fault-token-" + secrets.token_hex(12)
+TASK = str(uuid.uuid4())
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Seconds any single wait in this file may take before the test fails.
+WAIT = 10.0
+#: Seconds allowed past a deadline for the process to exit (scheduling, final persist, exit).
+EXIT_SLACK = 1.0
+
+
+def timing(case: str, seconds: float) -> None:
+    print(f"FAULT-TIMING {case} {seconds:.3f}")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """os.environ without agentd's, Coder's or the TLS trust settings, plus ``extra``."""
+    drop = ("AGENTD_", "CODER_", "SSL_CERT_", "NOTIFY_SOCKET", "WATCHDOG_", "RUNTIME_DIRECTORY", "STATE_DIRECTORY")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(extra)
+    return env
+
+
+def short_dir() -> Path:
+    """A short directory for the control socket (Unix socket paths stay under 108 bytes)."""
+    return Path(tempfile.mkdtemp(prefix="agentd-f-", dir="/tmp"))
+
+
+def stored_messages(coderd: FakeCoderd) -> list[dict[str, Any]]:
+    snap = coderd.stored.get(TASK)
+    assert snap is not None, "nothing stored"
+    return snap.messages
+
+
+def snapshot_body_size(messages: list[dict[str, Any]]) -> int:
+    """Bytes of the compact UTF-8 JSON body for ``messages`` (when nothing is trimmed)."""
+    body = {"messages": [{"id": m["id"], "content": m["content"], "role": m["role"], "time": m["time"]} for m in messages]}
+    return len(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+class Agentd:
+    """One ``python -m agentd run`` child process, its output in files."""
+
+    def __init__(self, backend: str, workdir: Path, env: dict[str, str]) -> None:
+        self.backend = backend
+        self.workdir = workdir
+        self.sock_dir = short_dir()
+        self.socket = self.sock_dir / "agentd.sock"
+        defaults = {
+            "AGENTD_ASYNC_BACKEND": backend,
+            "AGENTD_LOG_FORMAT": "json",
+            "AGENTD_LOG_LEVEL": "debug",
+            "AGENTD_TASK_ID": TASK,
+            "CODER_AGENT_TOKEN": TOKEN,
+            "AGENTD_STATE_DIR": str(workdir / "state"),
+            "AGENTD_SOCKET": str(self.socket),
+            "AGENTD_CHECKPOINT_INTERVAL": "0",
+        }
+        self.env = clean_env(**{**defaults, **env})
+        self.out_path = workdir / "agentd.out"
+        self.err_path = workdir / "agentd.err"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.spawned = 0.0
+        self.signalled: float | None = None
+
+    def start(self) -> None:
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.spawned = time.monotonic()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agentd", "run"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=self.env, cwd=self.workdir,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    # -- output --------------------------------------------------------------------------------
+
+    def output(self) -> str:
+        text = ""
+        for path in (self.out_path, self.err_path):
+            if path.exists():
+                text += path.read_bytes().decode("utf-8", "replace")
+        return text
+
+    def logs(self) -> list[dict[str, Any]]:
+        lines = []
+        if self.err_path.exists():
+            for line in self.err_path.read_bytes().decode("utf-8", "replace").splitlines():
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    lines.append({"event": "<not json>", "raw": line})
+        return lines
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.logs() if line.get("event") == name]
+
+    async def wait_log(self, name: str, count: int = 1, timeout: float = WAIT) -> dict[str, Any]:
+        """Wait until the ``count``-th log line with event ``name``; return it."""
+        with anyio.fail_after(timeout):
+            while True:
+                found = self.events(name)
+                if len(found) >= count:
+                    return found[count - 1]
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise AssertionError(f"agentd exited ({self.proc.returncode}) before {name!r}:\n{self.output()}")
+                await anyio.sleep(0.01)
+
+    async def wait_started(self) -> None:
+        await self.wait_log("agentd started")
+
+    def assert_clean(self) -> None:
+        """No traceback, no internal error, every line a JSON log line, the token never shown."""
+        text = self.output()
+        assert TOKEN not in text, "the agent token was printed"
+        assert "Traceback" not in text, text[-3000:]
+        for line in self.logs():
+            assert line.get("event") != "<not json>", f"stray output: {line['raw'][:300]}"
+            assert "exception" not in line, f"exception logged: {json.dumps(line)[:2000]}"
+            assert line.get("event") != "internal error", line
+
+    # -- control -------------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        try:
+            answer = await control.request(self.socket, {"command": "status"}, 3.0)
+        except control.ControlError as exc:
+            with anyio.move_on_after(2):
+                while self.proc is not None and self.proc.poll() is None:
+                    await anyio.sleep(0.05)
+            raise AssertionError(f"{exc}; agentd exit status {self.proc and self.proc.poll()}:\n{self.output()[-5000:]}") from None
+        assert answer.get("ok"), answer
+        return answer["status"]
+
+    async def wait_status(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = WAIT) -> dict[str, Any]:
+        with anyio.fail_after(timeout):
+            while True:
+                status = await self.status()
+                if predicate(status):
+                    return status
+                await anyio.sleep(0.02)
+
+    # -- signals and exit ----------------------------------------------------------------------
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        if self.signalled is None:
+            self.signalled = time.monotonic()
+        self.proc.send_signal(signum)
+
+    async def wait_exit(self, timeout: float) -> tuple[int, float]:
+        """Exit status and seconds from the first signal (or spawn) to exit."""
+        assert self.proc is not None
+        with anyio.fail_after(timeout):
+            while self.proc.poll() is None:
+                await anyio.sleep(0.005)
+        ended = time.monotonic()
+        return self.proc.returncode, ended - (self.signalled if self.signalled is not None else self.spawned)
+
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise AssertionError(f"no {field} in /proc/{self.pid}/status")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+@asynccontextmanager
+async def agentd(backend: str, workdir: Path, *, start: bool = True, **env: str) -> AsyncIterator[Agentd]:
+    """Start agentd (``env`` on top of the defaults); always kill leftovers."""
+    proc = Agentd(backend, workdir, env)
+    if start:
+        proc.start()
+    try:
+        yield proc
+    finally:
+        proc.kill()
+
+
+def coderd_env(url: str) -> dict[str, str]:
+    return {"CODER_AGENT_URL": url}
+
+
+def small_conversation(api: FakeAgentAPI, n: int = 4) -> None:
+    for i in range(n):
+        api.add_message("user" if i % 2 == 0 else "agent", f"message {i}: ╭─ box ─╮ {'x' * 40}")
+
+
+def assert_same_conversation(stored: list[dict[str, Any]], api: FakeAgentAPI) -> None:
+    assert [(m["id"], m["role"], m["content"], m["time"]) for m in stored] == [
+        (m.id, m.role, m.content, m.time) for m in api.messages
+    ]
+
+
+class AgentAPIProcess:
+    """``python -m agentd.testing.fake_agentapi`` as a child process on a fixed port."""
+
+    def __init__(self, workdir: Path, port: int, *args: str) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, *args: str) -> None:
+        log = open(self.workdir / f"agentapi.{time.monotonic_ns()}.out", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agentd.testing.fake_agentapi", "--port", str(self.port), *self.args, *args],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
+        )
+        log.close()
+        with anyio.fail_after(WAIT):
+            while True:
+                try:
+                    stream = await anyio.connect_tcp("127.0.0.1", self.port)
+                except OSError:
+                    assert self.proc.poll() is None, "fake agentapi exited at start"
+                    await anyio.sleep(0.02)
+                else:
+                    await stream.aclose()
+                    return
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    async def wait_exit(self, timeout: float = WAIT) -> int:
+        assert self.proc is not None
+        with anyio.fail_after(timeout):
+            while self.proc.poll() is None:
+                await anyio.sleep(0.01)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+# ---------------------------------------------------------------------------------------------
+# coderd faults
+
+
+async def test_coderd_refuses_then_comes_up_two_seconds_later(anyio_backend: str, tmp_path: Path) -> None:
+    api = FakeAgentAPI()
+    small_conversation(api)
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    port = free_port()
+    async with api.serve(), agentd(
+        anyio_backend, tmp_path, CODER_AGENT_URL=f"http://127.0.0.1:{port}",
+        AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT="6",
+    ) as d:
+        await d.wait_started()
+        await api.wait_for_subscribers(1)
+        d.signal(signal.SIGTERM)
+        await anyio.sleep(2.0)
+        async with coderd.serve(port=port):
+            rc, took = await d.wait_exit(6 + EXIT_SLACK)
+        d.assert_clean()
+    timing(f"coderd-down-2s[{anyio_backend}]", took)
+    assert rc == 0, d.output()[-3000:]
+    assert 2.0 <= took <= 6.0
+    assert_same_conversation(stored_messages(coderd), api)
+    stored = d.events("snapshot stored")
+    assert len(stored) == 1 and stored[0]["attempts"] >= 2
+
+
+async def test_coderd_accepts_and_never_answers(anyio_backend: str, tmp_path: Path) -> None:
+    api = FakeAgentAPI()
+    small_conversation(api)
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK}, hang=True)
+    timeout = 1.5
+    async with api.serve(), coderd.serve(), agentd(
+        anyio_backend, tmp_path, AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT=str(timeout),
+        **coderd_env(coderd.url),
+    ) as d:
+        await d.wait_started()
+        await api.wait_for_subscribers(1)
+        d.signal(signal.SIGTERM)
+        rc, took = await d.wait_exit(timeout + 1.0 + 2.0)
+        d.assert_clean()
+    timing(f"coderd-hang[{anyio_backend}]", took)
+    assert rc == 1
+    assert took <= timeout + 1.0
+    assert TASK not in coderd.stored
+    assert coderd.requests, "no upload was attempted"
+    (line,) = d.events("snapshot not stored")
+    assert "deadline" in line["reason"]
+
+
+async def test_coderd_429_retry_after_beyond_the_deadline(anyio_backend: str, tmp_path: Path) -> None:
+    api = FakeAgentAPI()
+    small_conversation(api)
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK}, script=[(429, {"Retry-After": "30"})])
+    timeout = 4.0
+    async with api.serve(), coderd.serve(), agentd(
+        anyio_backend, tmp_path, AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT=str(timeout),
+        **coderd_env(coderd.url),
+    ) as d:
+        await d.wait_started()
+        await api.wait_for_subscribers(1)
+        d.signal(signal.SIGTERM)
+        rc, took = await d.wait_exit(timeout + EXIT_SLACK + 2.0)
+        d.assert_clean()
+    timing(f"coderd-429-retry-after[{anyio_backend}]", took)
+    assert rc == 1
+    # It gives up at once: waiting out a Retry-After it cannot honour would only burn the budget.
+    assert took <= timeout
+    assert took < 2.0
+    assert len(coderd.requests) == 1 and coderd.requests[0].status == 429
+    assert TASK not in coderd.stored
+    (line,) = d.events("snapshot not stored")
+    assert line["status"] == 429
+    assert re.search(r"retry after 30(\.0)? s", line["reason"]), line["reason"]
+    assert "left before the deadline" in line["reason"], line["reason"]
+
+
+async def test_coderd_400_body_too_large_is_not_retried(anyio_backend: str, tmp_path: Path) -> None:
+    api = FakeAgentAPI()
+    small_conversation(api)
+    detail = "http: request body too large"
+    coderd = FakeCoderd(
+        token=TOKEN, tasks={TASK},
+        script=[(400, {}, {"message": "Failed to decode request payload.", "detail": detail, "validations": []})],
+    )
+    timeout = 4.0
+    async with api.serve(), coderd.serve(), agentd(
+        anyio_backend, tmp_path, AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT=str(timeout),
+        **coderd_env(coderd.url),
+    ) as d:
+        await d.wait_started()
+        await api.wait_for_subscribers(1)
+        d.signal(signal.SIGTERM)
+        rc, took = await d.wait_exit(timeout + EXIT_SLACK + 2.0)
+        await anyio.sleep(0.3)  # a retry, had there been one, would have arrived by now
+        d.assert_clean()
+    timing(f"coderd-400[{anyio_backend}]", took)
+    assert rc == 1
+    assert took < 2.0
+    assert len(coderd.requests) == 1, [r.status for r in coderd.requests]
+    (line,) = d.events("snapshot not stored")
+    assert line["status"] == 400 and line["attempts"] == 1
+    assert detail in line["reason"] and "Failed to decode request payload." in line["reason"]
+
+
+# ---------------------------------------------------------------------------------------------
+# agentapi faults
+
+
+async def test_agentapi_killed_before_sigterm_buffer_is_stored(anyio_backend: str, tmp_path: Path) -> None:
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    agentapi = AgentAPIProcess(tmp_path, free_port(), "--script", "static", "--backend", anyio_backend)
+    try:
+        await agentapi.start()
+        async with coderd.serve(), agentd(
+            anyio_backend, tmp_path, AGENTD_AGENTAPI_URL=agentapi.url, AGENTD_SHUTDOWN_TIMEOUT="4",
+            **coderd_env(coderd.url),
+        ) as d:
+            await d.wait_started()
+            await d.wait_log("agentapi connected")
+            before = await d.status()
+            agentapi.signal(signal.SIGKILL)
+            assert await agentapi.wait_exit() == -signal.SIGKILL
+            await d.wait_log("agentapi disconnected")
+            d.signal(signal.SIGTERM)
+            rc, took = await d.wait_exit(4 + EXIT_SLACK)
+            d.assert_clean()
+    finally:
+        agentapi.kill()
+    timing(f"agentapi-killed[{anyio_backend}]", took)
+    assert rc == 0, d.output()[-3000:]
+    assert took < 2.0
+    stored = stored_messages(coderd)
+    # The static script is 13 messages; the buffer keeps the newest 10 and the body is trimmed
+    # to 65 536 bytes from the newest end: the newest message is always there.
+    assert before["messages"] == 10 and before["newest_id"] == 12
+    ids = [m["id"] for m in stored]
+    assert ids == sorted(set(ids)) and ids[-1] == 12
+    assert len(coderd.stored[TASK].body) <= 65_536
+    assert d.events("refresh failed; using the buffer as it is")
+
+
+@pytest.mark.parametrize("saved_state", [True, False], ids=["with-state", "without-state"])
+async def test_agentapi_restarted_on_the_same_port(anyio_backend: str, tmp_path: Path, saved_state: bool) -> None:
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    state_file = tmp_path / "agentapi-state.json"
+    port = free_port()
+    first = AgentAPIProcess(tmp_path, port, "--messages", "5", "--state-file", str(state_file))
+    second = AgentAPIProcess(tmp_path, port, *(["--state-file", str(state_file)] if saved_state else ["--messages", "2"]))
+    try:
+        await first.start()
+        async with coderd.serve(), agentd(
+            anyio_backend, tmp_path, AGENTD_AGENTAPI_URL=first.url, AGENTD_SHUTDOWN_TIMEOUT="4",
+            **coderd_env(coderd.url),
+        ) as d:
+            await d.wait_started()
+            await d.wait_log("agentapi connected")
+            status = await d.wait_status(lambda s: s["messages"] == 5)
+            assert status["source"]["state"] == "connected"
+            first.signal(signal.SIGUSR1)  # agentapi saves its state...
+            with anyio.fail_after(WAIT):
+                while not state_file.exists():
+                    await anyio.sleep(0.01)
+            saved = json.loads(state_file.read_text())
+            first.signal(signal.SIGKILL)  # ...and then dies without a clean stop
+            await first.wait_exit()
+            if not saved_state:
+                state_file.unlink()
+            await d.wait_log("agentapi disconnected")
+            assert (await d.status())["source"]["state"] != "connected"
+            restarted = time.monotonic()
+            await second.start()
+            await d.wait_log("agentapi connected", count=2)
+            reconnect = time.monotonic() - restarted
+            status = await d.wait_status(lambda s: s["messages"] == (5 if saved_state else 7))
+            assert status["source"]["state"] == "connected"
+            async with httpx.AsyncClient(trust_env=False) as client:
+                now_serving = (await client.get(f"{second.url}/messages", timeout=WAIT)).json()["messages"]
+            d.signal(signal.SIGTERM)
+            rc, took = await d.wait_exit(4 + EXIT_SLACK)
+            d.assert_clean()
+    finally:
+        first.kill()
+        second.kill()
+    timing(f"agentapi-restart-{'with' if saved_state else 'without'}-state[{anyio_backend}] reconnect", reconnect)
+    timing(f"agentapi-restart-{'with' if saved_state else 'without'}-state[{anyio_backend}]", took)
+    assert rc == 0, d.output()[-3000:]
+    assert took < 2.0
+    stored = stored_messages(coderd)
+    ids = [m["id"] for m in stored]
+    assert len(ids) == len(set(ids)), f"duplicate ids: {ids}"
+    assert ids == sorted(ids)
+    earlier = [(m["id"], m["role"], m["message"], m["time"]) for m in saved["messages"]]
+    assert len(earlier) == 5
+    if saved_state:
+        # The same conversation came back: the same ids, nothing doubled.
+        assert [(m["id"], m["role"], m["content"], m["time"]) for m in stored] == earlier
+    else:
+        # A conversation that started over: the earlier messages are kept, the new ones follow.
+        assert [(m["id"], m["role"], m["content"], m["time"]) for m in stored[:5]] == earlier
+        assert ids == [0, 1, 2, 3, 4, 5, 6]
+        assert [m["id"] for m in now_serving] == [0, 1]
+        assert [(m["role"], m["content"], m["time"]) for m in stored[5:]] == [
+            (m["role"], m["content"], m["time"]) for m in now_serving
+        ]
+        assert d.events("agentapi conversation started over; keeping the earlier messages before it")
+
+
+# ---------------------------------------------------------------------------------------------
+# a misbehaving event stream
+
+RFC3339 = "2026-01-01T00:00:00.5Z"
+
+
+def _update_frame(data: bytes) -> bytes:
+    return b"event: message_update\ndata: " + data + b"\n\n"
+
+
+def _fault_frames(api: FakeAgentAPI, fault: str) -> bytes | None:
+    last = api.messages[-1].id
+    if fault == "invalid-json":
+        return _update_frame(b'{"id": ' + str(last).encode() + b', "role": "agent", "message": "unterminated')
+    if fault == "deeply-nested-json":
+        return _update_frame(b"[" * 100_000)
+    if fault == "unknown-event":
+        return b'event: tool_call\ndata: {"tool": "bash", "args": ["ls"]}\n\n'
+    if fault == "non-utf8":
+        head = b'{"id": ' + str(last).encode() + b', "role": "agent", "message": "bad bytes \xff\xfe\xc3 here", "time": "'
+        return _update_frame(head + RFC3339.encode() + b'"}')
+    if fault == "20-mib-event":
+        content = ("y" * 1023 + "\n") * (20 * 1024)
+        data = {"id": last, "role": "agent", "message": content, "time": RFC3339}
+        frame = _update_frame(json.dumps(data).encode())
+        assert len(frame) > 20 * 1024 * 1024
+        return frame
+    assert fault == "cut-mid-event"
+    return None
+
+
+SSE_FAULTS = ["cut-mid-event", "invalid-json", "deeply-nested-json", "unknown-event", "non-utf8", "20-mib-event"]
+
+
+@pytest.mark.parametrize("fault", SSE_FAULTS)
+async def test_event_stream_fault_then_later_events_apply(anyio_backend: str, tmp_path: Path, fault: str) -> None:
+    api = FakeAgentAPI()
+    small_conversation(api)
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    async with api.serve(), coderd.serve(), agentd(
+        anyio_backend, tmp_path, AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT="4",
+        **coderd_env(coderd.url),
+    ) as d:
+        await d.wait_started()
+        await d.wait_status(lambda s: s["source"]["state"] == "connected" and s["messages"] == 4)
+        frames = _fault_frames(api, fault)
+        injected = time.monotonic()
+        if frames is None:
+            api.cut_streams_mid_event()
+            await d.wait_log("agentapi disconnected")
+        else:
+            api.inject_raw(frames)
+        later = "the later update ─ applied after the fault " + "z" * 321
+        api.update_last(later)
+        expected = snapshot_body_size([m.as_message() for m in api.messages])
+        status = await d.wait_status(lambda s: s["bytes"] == expected, timeout=WAIT)
+        applied = time.monotonic() - injected
+        assert status["source"]["state"] == "connected" and status["newest_id"] == api.messages[-1].id
+        assert d.proc is not None and d.proc.poll() is None  # still running
+        if fault == "cut-mid-event":
+            assert api.subscribers_total >= 2  # it reconnected (the replay brought the update or it came live)
+        else:
+            assert api.subscribers_total == 1  # skipped in stream: no reconnect needed
+        d.signal(signal.SIGTERM)
+        rc, took = await d.wait_exit(4 + EXIT_SLACK)
+        d.assert_clean()
+    timing(f"sse-{fault}[{anyio_backend}] applied", applied)
+    timing(f"sse-{fault}[{anyio_backend}]", took)
+    assert rc == 0, d.output()[-3000:]
+    stored = stored_messages(coderd)
+    assert stored[-1]["content"] == later
+    assert_same_conversation(stored, api)
+    if fault in ("invalid-json", "deeply-nested-json"):
+        assert d.events("malformed agentapi event skipped")
+    if fault == "unknown-event":
+        assert d.events("unknown agentapi event skipped")
+
+
+@pytest.mark.parametrize("garbage", [b"[" * 100_000, b"\xff\xfe not json", b'{"messages": 5}'], ids=["deeply-nested", "binary", "wrong-shape"])
+async def test_final_refresh_gets_garbage_buffer_is_stored(anyio_backend: str, tmp_path: Path, garbage: bytes) -> None:
+    """agentapi's ``GET /messages`` answers junk at the stop: the tail's buffer is stored."""
+    api = FakeAgentAPI()
+    small_conversation(api)
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    poisoned = False
+
+    async def handler(ex: Exchange) -> None:
+        if poisoned and ex.path == "/messages":
+            api.requests[ex.path] += 1
+            await ex.respond(200, [("content-type", "application/json")], garbage)
+            return
+        await api.handle(ex)
+
+    async with serve(handler) as server, coderd.serve(), agentd(
+        anyio_backend, tmp_path, AGENTD_AGENTAPI_URL=server.url, AGENTD_SHUTDOWN_TIMEOUT="4",
+        **coderd_env(coderd.url),
+    ) as d:
+        await d.wait_started()
+        await d.wait_status(lambda s: s["source"]["state"] == "connected" and s["messages"] == 4)
+        poisoned = True
+        d.signal(signal.SIGTERM)
+        rc, took = await d.wait_exit(4 + EXIT_SLACK)
+        d.assert_clean()
+    timing(f"refresh-garbage-{garbage[:8]!r}[{anyio_backend}]", took)
+    assert rc == 0, d.output()[-3000:]
+    assert took < 2.0
+    assert api.requests["/messages"] >= 1
+    assert d.events("refresh failed; using the buffer as it is")
+    assert_same_conversation(stored_messages(coderd), api)
+
+
+# ---------------------------------------------------------------------------------------------
+# a firehose: agentapi rewrites one message faster than agentd reads
+
+#: The bound on agentd's resident memory while it is flooded, MiB.
+FLOOD_RSS_BOUND_MIB = 150
+FLOOD_UPDATES = 5_000
+
+
+async def test_flood_of_updates_memory_bounded_newest_wins(anyio_backend: str, tmp_path: Path) -> None:
+    api = FakeAgentAPI()
+    api.add_message("user", "Write the whole module, please.")
+    api.add_message("agent", "⏺ Starting…")
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    filler = ("│ " + "all work and no play makes the agent a dull typist ─╮ " * 2 + "\n") * 1_000
+    assert len(filler) >= 64 * 1024
+    # Growing from ~8 KiB to ~60 KiB of UTF-8, so the newest whole message still fits the body.
+    lengths = [8_000 + (i * 48_000) // FLOOD_UPDATES for i in range(FLOOD_UPDATES)]
+    contents = [f"update {i:05d}\n" + filler[: lengths[i]] for i in range(FLOOD_UPDATES)]
+    assert 56 * 1024 < len(contents[-1].encode()) < 62 * 1024
+    peak_kib = 0
+    async with api.serve(), coderd.serve(), agentd(
+        anyio_backend, tmp_path, AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT="4",
+        **coderd_env(coderd.url),
+    ) as d:
+        await d.wait_started()
+        await d.wait_status(lambda s: s["source"]["state"] == "connected" and s["messages"] == 2)
+        baseline_kib = d.rss_kib()
+        done = False
+
+        async def sample() -> None:
+            nonlocal peak_kib
+            while not done:
+                peak_kib = max(peak_kib, d.rss_kib())
+                await anyio.sleep(0.01)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sample)
+            api.set_status("running")
+            flood_started = time.monotonic()
+            for i, content in enumerate(contents):
+                api.update_last(content)
+                await anyio.sleep(0)
+            flood_seconds = time.monotonic() - flood_started
+            api.set_status("stable")
+            expected = snapshot_body_size([m.as_message() for m in api.messages])
+            status = await d.wait_status(lambda s: s["bytes"] == expected, timeout=30)
+            caught_up = time.monotonic() - flood_started
+            done = True
+        hwm_kib = d.rss_kib("VmHWM")
+        assert status["newest_id"] == 1 and status["source"]["state"] == "connected"
+        d.signal(signal.SIGTERM)
+        rc, took = await d.wait_exit(4 + EXIT_SLACK)
+        d.assert_clean()
+    timing(f"flood[{anyio_backend}] emit", flood_seconds)
+    timing(f"flood[{anyio_backend}] caught-up", caught_up)
+    timing(f"flood[{anyio_backend}] shutdown", took)
+    print(
+        f"FAULT-FLOOD[{anyio_backend}] updates={FLOOD_UPDATES} rate={FLOOD_UPDATES / flood_seconds:.0f}/s "
+        f"baseline_rss={baseline_kib / 1024:.1f}MiB peak_rss={peak_kib / 1024:.1f}MiB hwm={hwm_kib / 1024:.1f}MiB "
+        f"dropped_subscribers={api.dropped_subscribers} subscriptions={api.subscribers_total}"
+    )
+    assert rc == 0, d.output()[-3000:]
+    assert FLOOD_UPDATES / flood_seconds >= 1_000  # thousands of updates a second
+    assert hwm_kib < FLOOD_RSS_BOUND_MIB * 1024, f"peak RSS {hwm_kib / 1024:.1f} MiB"
+    stored = stored_messages(coderd)
+    assert [m["id"] for m in stored] == [0, 1]
+    assert stored[-1]["content"] == contents[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# signals at awkward moments
+
+
+def _sigterm_caught(pid: int) -> bool:
+    """True once the process has a handler for SIGTERM (``SigCgt`` in /proc/<pid>/status)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return False
+
+
+@pytest.mark.parametrize("when", ["50ms", "first-handler"])
+async def test_sigterm_during_startup_still_stores(anyio_backend: str, tmp_path: Path, when: str) -> None:
+    """SIGTERM before agentd has read any event: the final refresh fetches the conversation.
+
+    ``50ms`` signals 50 ms after spawn (agentd is still importing); ``first-handler`` signals
+    the instant the process can take a signal at all (SIGTERM shows up in ``SigCgt``), long
+    before it prints anything. Before the fix in agentd.cli the handler came only after the
+    daemon's imports (~0.2 s) and both cases died of the signal with nothing stored.
+    """
+    api = FakeAgentAPI()
+    small_conversation(api)
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    async with api.serve(), coderd.serve(), agentd(
+        anyio_backend, tmp_path, start=False, AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT="4",
+        **coderd_env(coderd.url),
+    ) as d:
+        d.start()
+        # Never before the handler is in place: a signal during the interpreter's own start-up
+        # (~20-40 ms here) meets the default action, as for any program, and is not a case.
+        with anyio.fail_after(WAIT):
+            while not _sigterm_caught(d.pid):
+                await anyio.sleep(0)
+        if when == "50ms":
+            await anyio.sleep(max(0.0, d.spawned + 0.05 - time.monotonic()))
+        printed = d.output()
+        d.signal(signal.SIGTERM)
+        signalled_after = d.signalled - d.spawned if d.signalled else 0.0
+        rc, took = await d.wait_exit(4 + EXIT_SLACK + 2.0)
+        d.assert_clean()
+    timing(f"sigterm-startup-{when}[{anyio_backend}] signalled-after-spawn", signalled_after)
+    timing(f"sigterm-startup-{when}[{anyio_backend}]", took)
+    assert printed == "", "the signal was meant to arrive before agentd printed anything"
+    assert api.subscribers_total == 0 or when == "50ms"
+    assert rc == 0, f"exit {rc}: {d.output()[-3000:]}"
+    assert took < 4.0
+    assert_same_conversation(stored_messages(coderd), api)
+    assert d.events("shutting down")[0]["why"] == "SIGTERM"
+
+
+@pytest.mark.parametrize("when", ["upload-in-flight", "during-startup"])
+async def test_second_sigterm_gives_up_at_once(anyio_backend: str, tmp_path: Path, when: str) -> None:
+    api = FakeAgentAPI()
+    small_conversation(api)
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK}, hang=True)
+    timeout = 6.0
+    async with api.serve(), coderd.serve(), agentd(
+        anyio_backend, tmp_path, start=False, AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT=str(timeout),
+        **coderd_env(coderd.url),
+    ) as d:
+        d.start()
+        if when == "upload-in-flight":
+            await d.wait_started()
+            await api.wait_for_subscribers(1)
+            d.signal(signal.SIGTERM)
+            await coderd.wait_for(lambda: len(coderd.requests) >= 1, WAIT)
+        else:
+            with anyio.fail_after(WAIT):
+                while not _sigterm_caught(d.pid):
+                    await anyio.sleep(0)
+            d.signal(signal.SIGTERM)
+            await anyio.sleep(0.01)
+        second = time.monotonic()
+        d.signal(signal.SIGTERM)
+        rc, _ = await d.wait_exit(timeout + EXIT_SLACK + 2.0)
+        took = time.monotonic() - second
+        d.assert_clean()
+    timing(f"sigterm-twice-{when}[{anyio_backend}] second-to-exit", took)
+    assert rc == 1, d.output()[-3000:]
+    assert took < 1.0, f"{took:.2f} s after the second SIGTERM"
+    assert TASK not in coderd.stored
+    assert d.events("second signal: giving up on the snapshot")
+
+
+async def test_sigterm_while_a_checkpoint_upload_hangs(anyio_backend: str, tmp_path: Path) -> None:
+    api = FakeAgentAPI()
+    small_conversation(api)
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK}, script=["hang"])  # the first request hangs, then normal
+    timeout = 4.0
+    async with api.serve(), coderd.serve(), agentd(
+        anyio_backend, tmp_path, AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT=str(timeout),
+        AGENTD_CHECKPOINT_INTERVAL="1", **coderd_env(coderd.url),
+    ) as d:
+        await d.wait_started()
+        await d.wait_status(lambda s: s["source"]["state"] == "connected" and s["messages"] == 4)
+        api.set_status("running")
+        api.add_message("agent", "⏺ Done: the turn that triggers a checkpoint.")
+        api.set_status("stable")  # running -> stable: a finished turn, a checkpoint upload
+        await coderd.wait_for(lambda: len(coderd.requests) >= 1, WAIT)
+        assert coderd.requests[0].status is None  # in flight, unanswered
+        api.add_message("user", "One more thing before you stop…")
+        d.signal(signal.SIGTERM)
+        rc, took = await d.wait_exit(timeout + EXIT_SLACK)
+        d.assert_clean()
+    timing(f"sigterm-during-checkpoint[{anyio_backend}]", took)
+    assert rc == 0, d.output()[-3000:]
+    assert took < timeout
+    assert len(coderd.requests) == 2 and coderd.requests[1].status == 204
+    assert_same_conversation(stored_messages(coderd), api)
+
+
+# ---------------------------------------------------------------------------------------------
+# coderd behind TLS with a certificate from a private CA
+
+
+def _make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, server.pem, server.key)."""
+    ca_pem, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key = directory / "server.pem", directory / "server.key"
+    try:
+        from cryptography import x509  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return _make_certificates_cryptography(directory)
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("neither the cryptography package nor the openssl command is on this machine")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=30)
+
+    run("req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca_pem), "-days", "2",
+        "-subj", "/CN=agentd fault-suite CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    csr = directory / "server.csr"
+    run("req", "-new", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    ext = directory / "server.ext"
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+    )
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca_pem), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    return ca_pem, cert, key
+
+
+def _make_certificates_cryptography(directory: Path) -> tuple[Path, Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agentd fault-suite CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return _make_certificates(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.mark.parametrize("trust", ["none", "AGENTD_CA_FILE", "SSL_CERT_FILE"])
+async def test_coderd_behind_tls_with_a_private_ca(
+    anyio_backend: str, tmp_path: Path, certificates: tuple[Path, Path, Path], trust: str
+) -> None:
+    ca_pem, cert, key = certificates
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    api = FakeAgentAPI()
+    small_conversation(api)
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    timeout = 1.0 if trust == "none" else 4.0
+    env = {} if trust == "none" else {trust: str(ca_pem)}
+    async with api.serve(), coderd.serve(ssl_context=server_ctx), agentd(
+        anyio_backend, tmp_path, AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT=str(timeout),
+        **coderd_env(coderd.url), **env,
+    ) as d:
+        assert coderd.url.startswith("https://127.0.0.1:")
+        await d.wait_started()
+        await api.wait_for_subscribers(1)
+        d.signal(signal.SIGTERM)
+        rc, took = await d.wait_exit(timeout + EXIT_SLACK + 2.0)
+        d.assert_clean()
+    timing(f"tls-{trust}[{anyio_backend}]", took)
+    assert took <= timeout + EXIT_SLACK
+    if trust == "none":
+        assert rc == 1
+        assert TASK not in coderd.stored
+        assert not coderd.requests, "a request got through an unverified TLS connection"
+        (line,) = d.events("snapshot not stored")
+        assert "certificate verify failed" in line["reason"].lower(), line["reason"]
+    else:
+        assert rc == 0, d.output()[-3000:]
+        assert_same_conversation(stored_messages(coderd), api)
