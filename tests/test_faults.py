@@ -399,6 +399,32 @@ async def test_coderd_400_body_too_large_is_not_retried(anyio_backend: str, tmp_
     assert detail in line["reason"] and "Failed to decode request payload." in line["reason"]
 
 
+async def test_coderd_transient_failures_then_stored(anyio_backend: str, tmp_path: Path) -> None:
+    """Closed without an answer, reset, 503, 502 (Retry-After 0), then stored: every failure
+    retried, one upload stored, well within the deadline."""
+    api = FakeAgentAPI()
+    small_conversation(api)
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK}, script=["close", "reset", 503, (502, {"Retry-After": "0"})])
+    timeout = 6.0
+    async with api.serve(), coderd.serve(), agentd(
+        anyio_backend, tmp_path, AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT=str(timeout),
+        **coderd_env(coderd.url),
+    ) as d:
+        await d.wait_started()
+        await api.wait_for_subscribers(1)
+        d.signal(signal.SIGTERM)
+        rc, took = await d.wait_exit(timeout + EXIT_SLACK)
+        d.assert_clean()
+    timing(f"coderd-transient[{anyio_backend}]", took)
+    assert rc == 0, d.output()[-3000:]
+    assert took < timeout
+    assert len(coderd.requests) == 5 and coderd.requests[-1].status == 204
+    assert coderd.upserts[TASK] == 1
+    (line,) = d.events("snapshot stored")
+    assert line["attempts"] == 5
+    assert_same_conversation(stored_messages(coderd), api)
+
+
 # ---------------------------------------------------------------------------------------------
 # agentapi faults
 
@@ -580,9 +606,13 @@ async def test_event_stream_fault_then_later_events_apply(anyio_backend: str, tm
         assert d.events("unknown agentapi event skipped")
 
 
-@pytest.mark.parametrize("garbage", [b"[" * 100_000, b"\xff\xfe not json", b'{"messages": 5}'], ids=["deeply-nested", "binary", "wrong-shape"])
-async def test_final_refresh_gets_garbage_buffer_is_stored(anyio_backend: str, tmp_path: Path, garbage: bytes) -> None:
-    """agentapi's ``GET /messages`` answers junk at the stop: the tail's buffer is stored."""
+@pytest.mark.parametrize(
+    "garbage", [b"[" * 100_000, b"\xff\xfe not json", b'{"messages": 5}', None],
+    ids=["deeply-nested", "binary", "wrong-shape", "no-answer"],
+)
+async def test_final_refresh_gets_garbage_buffer_is_stored(anyio_backend: str, tmp_path: Path, garbage: bytes | None) -> None:
+    """agentapi's ``GET /messages`` answers junk (or never answers) at the stop: the tail's
+    buffer is stored, and the refresh costs at most its own 1 s timeout."""
     api = FakeAgentAPI()
     small_conversation(api)
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
@@ -591,7 +621,10 @@ async def test_final_refresh_gets_garbage_buffer_is_stored(anyio_backend: str, t
     async def handler(ex: Exchange) -> None:
         if poisoned and ex.path == "/messages":
             api.requests[ex.path] += 1
-            await ex.respond(200, [("content-type", "application/json")], garbage)
+            if garbage is None:
+                await ex.hang()
+            else:
+                await ex.respond(200, [("content-type", "application/json")], garbage)
             return
         await api.handle(ex)
 
@@ -605,7 +638,7 @@ async def test_final_refresh_gets_garbage_buffer_is_stored(anyio_backend: str, t
         d.signal(signal.SIGTERM)
         rc, took = await d.wait_exit(4 + EXIT_SLACK)
         d.assert_clean()
-    timing(f"refresh-garbage-{garbage[:8]!r}[{anyio_backend}]", took)
+    timing(f"refresh-garbage-{(garbage or b'no answer')[:8]!r}[{anyio_backend}]", took)
     assert rc == 0, d.output()[-3000:]
     assert took < 2.0
     assert api.requests["/messages"] >= 1
