@@ -22,8 +22,10 @@ from agentd import daemon  # noqa: E402
 daemon.early_signals = _early_signals
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import os  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 import anyio  # noqa: E402
 
@@ -109,6 +111,30 @@ def _say(line: str) -> None:
     print(logs.redact(line), flush=True)
 
 
+def _lean_start() -> None:
+    """Before the daemon starts: import less, and keep start-up's objects out of collections.
+
+    On asyncio, httpcore must not import trio: it does so eagerly whenever trio is installed
+    (about 45 ms and 5 MiB, for a backend it will not use). Everything imported so far lives as
+    long as the process: frozen, the garbage collector never walks it again (cheaper collections
+    while running, and no 40 ms collection of it all at exit).
+    """
+    if _backend() == "asyncio":
+        sys.modules.setdefault("trio", None)  # type: ignore[arg-type]  # `import trio` -> ImportError
+    gc.freeze()
+
+
+def _quick_exit(status: int) -> NoReturn:
+    """Exit now, without the interpreter's teardown (60 to 100 ms with this many modules).
+
+    Only once the daemon is done: the snapshot is stored or given up, the state is written,
+    sockets are closed, the child (supervise) is reaped; nothing but buffered output is left.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("run", "supervise", "demo"):
@@ -132,7 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             settings = settings_from(args)
             logs.configure(settings.log_format, settings.log_level)
             logs.add_secret(settings.token)
-            return anyio.run(daemon.run, settings, command, backend=_backend())
+            standalone = argv is None  # the process is ours (`agentd`, `python -m agentd`)
+            if standalone:
+                _lean_start()
+            status = anyio.run(daemon.run, settings, command, backend=_backend())
+            if standalone:
+                _quick_exit(status)
+            return status
         logs.configure(
             getattr(args, "log_format", None) or os.environ.get("AGENTD_LOG_FORMAT", "auto").lower(),
             getattr(args, "log_level", None) or os.environ.get("AGENTD_LOG_LEVEL", "warning").lower(),
