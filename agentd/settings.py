@@ -9,6 +9,7 @@ Every setting is also an ``agentd run`` flag; flags win. A missing or invalid se
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 from uuid import UUID
@@ -79,6 +80,16 @@ class Settings(BaseSettings):
             url = None
         if url is None or url.scheme not in ("http", "https") or not url.host:
             raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _usable_ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None:  # found now, not as a crash when the coderd client is made
+            try:
+                ssl.create_default_context(cafile=str(value))
+            except OSError as exc:  # ssl.SSLError included: not a PEM bundle
+                raise ValueError(f"cannot use it as a CA bundle: {exc.strerror or exc}") from None
         return value
 
     @field_validator("log_level", "log_format", mode="before")
