@@ -120,6 +120,9 @@ async def shutdown_hook(
             status, line = await snapshot(socket, timeout, load_settings)
         except ConfigError as exc:
             status, line = 1, f"not stored: {exc}"
+        except Exception as exc:  # a stop hook never lets one step keep agentapi from stopping
+            log.exception("snapshot step failed")
+            status, line = 1, f"not stored: internal error ({type(exc).__name__})"
     else:
         status, line = 0, "no task id (AGENTD_TASK_ID): nothing to store"
     log.info("snapshot step done", outcome=line)
