@@ -831,3 +831,22 @@ async def test_snapshot_request_is_not_held_up_by_a_hanging_checkpoint(world):
         assert await daemon.wait(10) == 0
         assert len(snapshot_posts(coderd)) == 2, "nothing re-sent at shutdown"
     assert_no_token(daemon.output(), out, err)
+
+
+async def test_shutdown_hook_with_a_bad_setting_reports_it_and_still_stops_agentapi(world):
+    agentapi = AgentAPIProcess(world, messages=2)
+    url = await agentapi.ready()
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    async with coderd.serve():
+        code, out, err = await agentd(
+            "shutdown-hook", "--pid-file", str(agentapi.pid_file), "--timeout", "2", "--stop-timeout", "3",
+            env=hook_env(world, coderd.url, url, AGENTD_CA_FILE=str(world.tmp / "missing-ca.pem")),
+        )
+    assert code == 1, out + err
+    line = one_line(out)
+    assert line.startswith("not stored:") and "AGENTD_CA_FILE" in line, line
+    assert "Traceback" not in err
+    assert coderd.requests == []
+    assert await agentapi.proc.wait(2) == 0, "agentapi is stopped all the same"
+    assert [name for name, _ in agentapi.signals()] == ["SIGTERM"]
+    assert_no_token(out, err)
