@@ -62,7 +62,8 @@ class StateStore:
         except (FileNotFoundError, NotADirectoryError):  # no state yet (or no directory: save warns)
             return SavedState()
         except OSError as exc:
-            log.warning("state file unreadable; starting empty", path=str(self.path), error=exc.strerror)
+            aside = self._move_aside()
+            log.warning("state file unreadable; moved aside, starting empty", path=str(self.path), moved_to=aside, error=exc.strerror)
             return SavedState()
         try:
             data = json.loads(raw)
@@ -86,13 +87,19 @@ class StateStore:
                 raise ValueError(f"offset {offset!r:.40} is not a non-negative integer")
             return SavedState(sorted(messages, key=lambda m: m.id), acked, outcome, offset)
         except (ValueError, TypeError, InvalidMessage) as exc:
-            aside = self.path.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
-            try:
-                os.replace(self.path, aside)
-            except OSError:
-                aside = None
-            log.warning("state file corrupt; moved aside, starting empty", path=str(self.path), moved_to=str(aside), error=str(exc)[:200])
+            aside = self._move_aside()
+            log.warning("state file corrupt; moved aside, starting empty", path=str(self.path), moved_to=aside, error=str(exc)[:200])
             return SavedState()
+
+    def _move_aside(self) -> str | None:
+        """Rename the state file to ``state.json.corrupt-<time>`` (kept for a post-mortem, and out
+        of the way of the next write); the new path, or None if it could not be moved."""
+        aside = self.path.with_name(f"{STATE_FILE}.corrupt-{int(time.time())}")
+        try:
+            os.replace(self.path, aside)
+        except OSError:
+            return None
+        return str(aside)
 
     def save(self, state: SavedState) -> bool:
         """Write ``state`` atomically; False (and memory-only from then on) if the disk refuses."""
