@@ -418,10 +418,14 @@ async def test_kill9_then_restart_with_agentapi_down_stores_the_pre_crash_messag
     assert_no_token(first.output(), second.output(), third.output())
 
 
-async def test_corrupt_state_file_is_moved_aside_and_the_daemon_stores(world):
+@pytest.mark.parametrize("damage", ["garbage", "unreadable"])
+async def test_corrupt_or_unreadable_state_file_is_moved_aside_and_the_daemon_stores(world, damage):
     world.state_dir.mkdir(mode=0o700)
     garbage = b"\x00\xff\xfe garbage \x80\x81{\"version\": 1, \"messages\": [" + os.urandom(64)
-    (world.state_dir / "state.json").write_bytes(garbage)
+    if damage == "garbage":
+        (world.state_dir / "state.json").write_bytes(garbage)
+    else:  # reading fails with EISDIR (root reads any file, so no chmod here)
+        (world.state_dir / "state.json").mkdir()
     async with servers(3) as (api, coderd):
         daemon = world.start(world.env(coderd.url, api.url))
         await wait_status(world.socket, lambda s: s["messages"] == 3, proc=daemon)
@@ -429,9 +433,12 @@ async def test_corrupt_state_file_is_moved_aside_and_the_daemon_stores(world):
         assert await daemon.wait(10) == 0
         assert stored_wire(coderd) == wire(api)
     warnings = warnings_of(daemon.logs())
-    assert len(warnings) == 1 and "corrupt" in warnings[0]["event"], warnings
+    word = "corrupt" if damage == "garbage" else "unreadable"
+    assert len(warnings) == 1 and word in warnings[0]["event"] and "moved aside" in warnings[0]["event"], warnings
     aside = [p for p in world.state_dir.iterdir() if p.name.startswith("state.json.corrupt-")]
-    assert len(aside) == 1 and aside[0].read_bytes() == garbage, "the corrupt file is kept aside, untouched"
+    assert len(aside) == 1, "the damaged file is kept aside"
+    if damage == "garbage":
+        assert aside[0].read_bytes() == garbage, "untouched"
     assert len(world.state_file()["messages"]) == 3, "a fresh state file is written"
     assert_no_token(daemon.output())
 
