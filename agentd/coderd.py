@@ -7,12 +7,18 @@ and upserts: each stored snapshot replaces the previous one for the task.
 Retry policy (tenacity, sleeping through anyio so it works on asyncio and trio):
 
 * retried: connection errors, timeouts, 408, 429, 500, 502, 503, 504;
-* waits: exponential backoff with full jitter, ``uniform(0, min(backoff_max, backoff_base * 2**n))``
-  seconds, or coderd's ``Retry-After`` (seconds or an HTTP date) when it sends one;
+* waits: after the n-th failed attempt, exponential backoff with full jitter,
+  ``uniform(0, window)`` with ``window = min(backoff_max, backoff_base * 2**(n - 1))`` seconds
+  (0.25, 0.5, 1, 2, 4, 4, ...): a lone agentd against a briefly failing coderd retries at once;
+* ``Retry-After`` (seconds or an HTTP date) is a floor, not a schedule: the wait is
+  ``retry_after + uniform(0, max(window, retry_after))``. coderd gives every client of a fleet
+  that stopped at the same moment the same value, so honouring it exactly brings them all
+  back in the same instant, second after second (``bench/fleet.py`` measures it);
 * final, one attempt only: 400, 401, 403, 404, 413 and any other answer;
 * never past the deadline: an attempt is only started with at least ``min_attempt`` seconds
-  left, each attempt is cut at the deadline, and a ``Retry-After`` beyond it ends the upload
-  at once, saying so.
+  left and each attempt is cut at the deadline. The jitter is drawn within the time left, so
+  the last attempt still happens (spread out, not piled up at the deadline); a
+  ``Retry-After`` longer than the time left ends the upload at once, saying so.
 """
 
 from __future__ import annotations
@@ -120,7 +126,7 @@ class CoderdUploader:
     """Uploads snapshots for one task. ``client`` is shared; the token is sent only as a header.
 
     Timing (seconds): ``attempt_timeout`` caps one request; ``min_attempt`` is the least time
-    worth starting an attempt with; backoff as in the module docstring.
+    worth starting an attempt with; backoff as in the module docstring (:meth:`retry_wait`).
     """
 
     def __init__(
@@ -133,7 +139,7 @@ class CoderdUploader:
         attempt_timeout: float = 5.0,
         min_attempt: float = 0.2,
         backoff_base: float = 0.25,
-        backoff_max: float = 2.0,
+        backoff_max: float = 4.0,
     ) -> None:
         self.client = client
         self.url = f"{coderd_url}/api/v2/workspaceagents/me/tasks/{task_id}/log-snapshot"
@@ -146,6 +152,21 @@ class CoderdUploader:
     def __repr__(self) -> str:  # the headers hold the token
         return f"CoderdUploader(url={self.url!r})"
 
+    def retry_wait(self, failures: int, retry_after: float | None, left: float) -> float | None:
+        """Seconds to wait after ``failures`` failed attempts, or None to give up.
+
+        ``retry_after`` is coderd's ``Retry-After`` in seconds (None without one); ``left`` the
+        seconds before the deadline. See the module docstring.
+        """
+        room = left - self.min_attempt  # the next attempt must start within this many seconds
+        floor = retry_after or 0.0
+        if floor > room:
+            return None  # no time left, or coderd asks for more of it than is left
+        window = min(self.backoff_max, self.backoff_base * 2 ** (failures - 1))
+        if retry_after is not None:
+            window = max(window, retry_after)
+        return floor + random.uniform(0, min(window, room - floor))
+
     async def upload(self, snapshot: Snapshot, deadline: float) -> UploadOutcome:
         """POST ``snapshot`` until stored, a final answer, or ``deadline`` (``anyio.current_time()``).
 
@@ -154,16 +175,18 @@ class CoderdUploader:
         """
         attempts = 0
         status: int | None = None
+        give_up = False
 
-        def wait(state: RetryCallState) -> float:
+        def wait(state: RetryCallState) -> float:  # tenacity asks for the wait, then for stop
+            nonlocal give_up
             exc = state.outcome.exception() if state.outcome else None
-            if isinstance(exc, _Retryable) and exc.retry_after is not None:
-                return exc.retry_after
-            n = state.attempt_number
-            return random.uniform(0, min(self.backoff_max, self.backoff_base * 2**n))
+            retry_after = exc.retry_after if isinstance(exc, _Retryable) else None
+            seconds = self.retry_wait(state.attempt_number, retry_after, deadline - anyio.current_time())
+            give_up = seconds is None
+            return seconds or 0.0
 
         def stop(state: RetryCallState) -> bool:
-            return anyio.current_time() + (state.upcoming_sleep or 0) + self.min_attempt > deadline
+            return give_up
 
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_Retryable),
@@ -184,7 +207,7 @@ class CoderdUploader:
         except _Retryable as exc:
             status = exc.status
             left = deadline - anyio.current_time()
-            if exc.retry_after is not None and exc.retry_after > left:
+            if exc.retry_after is not None and exc.retry_after + self.min_attempt > left:
                 reason = f"{exc}; coderd asked to retry after {exc.retry_after:.1f} s, {max(left, 0):.1f} s left before the deadline"
             else:
                 reason = f"{exc}; gave up at the shutdown deadline"
