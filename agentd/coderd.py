@@ -14,7 +14,8 @@ Retry policy (tenacity, sleeping through anyio so it works on asyncio and trio):
   ``retry_after + uniform(0, max(window, retry_after))``. coderd gives every client of a fleet
   that stopped at the same moment the same value, so honouring it exactly brings them all
   back in the same instant, second after second (``bench/fleet.py`` measures it);
-* final, one attempt only: 400, 401, 403, 404, 413 and any other answer;
+* final, one attempt only: 400, 401, 403, 404, 413 and any other answer, and a TLS
+  certificate coderd presents that is not trusted (retrying cannot fix it: AGENTD_CA_FILE can);
 * never past the deadline: an attempt is only started with at least ``min_attempt`` seconds
   left and each attempt is cut at the deadline. The jitter is drawn within the time left, so
   the last attempt still happens (spread out, not piled up at the deadline); a
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import email.utils
 import random
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +112,18 @@ def _why(exc: BaseException) -> str:
         cause = cause.__cause__ or cause.__context__
     text = str(cause) if cause is not None else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _cert_failure(exc: BaseException) -> bool:
+    """True if a certificate verification failure is behind ``exc`` (its cause chain)."""
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None:
+            return False
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _coderd_error(response: httpx.Response) -> str:
@@ -248,6 +262,8 @@ class CoderdUploader:
         except httpx.TimeoutException as exc:
             raise _Retryable(f"coderd timed out ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
+            if _cert_failure(exc):  # retrying cannot make an untrusted certificate trusted
+                raise _Final(f"coderd's TLS certificate is not trusted ({_why(exc)}); set AGENTD_CA_FILE", None) from None
             raise _Retryable(f"cannot reach coderd: {_why(exc)}") from None
         status = response.status_code
         if status == 204 or 200 <= status < 300:
@@ -255,7 +271,7 @@ class CoderdUploader:
         detail = _coderd_error(response)
         if status in RETRY_STATUSES:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            log.info("coderd busy, will retry", status=status, detail=detail, retry_after=retry_after)
+            log.info("coderd busy", status=status, detail=detail, retry_after=retry_after)
             raise _Retryable(f"coderd answered {status}: {detail}", status, retry_after)
         hint = _FINAL_HINTS.get(status, "coderd refused the snapshot")
         raise _Final(f"coderd answered {status} ({hint}): {detail}", status)

@@ -943,6 +943,8 @@ async def test_coderd_behind_tls_with_a_private_ca(
         assert not coderd.requests, "a request got through an unverified TLS connection"
         (line,) = d.events("snapshot not stored")
         assert "certificate verify failed" in line["reason"].lower(), line["reason"]
+        assert line["attempts"] == 1, "an untrusted certificate is final: no retries"
+        assert "AGENTD_CA_FILE" in line["reason"]
     else:
         assert rc == 0, d.output()[-3000:]
         assert_same_conversation(stored_messages(coderd), api)
