@@ -18,8 +18,13 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
-bench: $(VENV)/.installed
-	$(PY) -m bench
+# `make bench QUICK=1`: a smoke run (fewer repeats, 5 s idle); the README's figures come from a full run.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(PY) -m bench $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""agentd benchmarks: `python -m bench` (see bench/__main__.py)."""
