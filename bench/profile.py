@@ -3,6 +3,7 @@
     python -m bench.profile ingest     # py-spy on the daemon while it takes 1 000 x 64 KiB updates
     python -m bench.profile shutdown   # py-spy on the daemon from SIGTERM to exit (10 x 1 MiB)
     python -m bench.profile startup    # import times (python -X importtime) of `agentd run`
+    python -m bench.profile fleet      # pyinstrument on the 1 000 uploaders (R=50/s, 8 s)
 
 py-spy attaches to the running ``agentd run`` process (``ptrace``: run as root, or allow it with
 ``kernel.yama.ptrace_scope=0``) and writes folded stacks (``--out``, default
@@ -125,14 +126,29 @@ def profile_startup() -> None:
         print(f"  {cumulative / 1000:7.1f} ms  (own {own / 1000:5.1f} ms)  {name}")
 
 
+def profile_fleet() -> None:
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        raise SystemExit("pyinstrument is not installed: pip install -e '.[bench]' (make bench does)") from None
+    from bench import fleet
+
+    fleet.quiet_logs()
+    profiler = Profiler(async_mode="disabled")  # the whole thread: the event loop and its 1 000 tasks
+    with profiler:
+        run = fleet.simulate(1000, 50, 8.0)
+    print(f"stored {run.stored} of 1000, {run.attempts} requests")
+    print(profiler.output_text(unicode=True, color=False, show_all=False))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("ingest", "shutdown", "startup"))
+    parser.add_argument("what", choices=("ingest", "shutdown", "startup", "fleet"))
     parser.add_argument("--out", type=Path, help="folded stacks file (default /tmp/agentd-profile-WHAT.folded)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second (default 250)")
     args = parser.parse_args(argv)
-    if args.what == "startup":
-        profile_startup()
+    if args.what in ("startup", "fleet"):
+        (profile_startup if args.what == "startup" else profile_fleet)()
         return 0
     out = args.out or Path(f"/tmp/agentd-profile-{args.what}.folded")
     (profile_ingest if args.what == "ingest" else profile_shutdown)(out, args.rate)
