@@ -24,7 +24,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	touch $@
 
 bench: $(VENV)/.bench-installed
-	$(PY) -m bench $(if $(QUICK),--quick,)
+	$(PY) -m bench $(if $(filter-out 0,$(QUICK)),--quick,)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
