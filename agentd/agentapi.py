@@ -27,7 +27,7 @@ from httpx_sse import SSEError, aconnect_sse
 
 from agentd.buffer import RingBuffer
 from agentd.logs import get_logger
-from agentd.messages import InvalidMessage, Message, parse_message, parse_messages
+from agentd.messages import InvalidMessage, Message, may_hold_surrogates, parse_message, parse_messages
 
 log = get_logger("agentd.agentapi")
 
@@ -163,7 +163,7 @@ class AgentAPITail:
                 try:
                     data = json.loads(event.data)
                     if event.event == "message_update":
-                        message = parse_message(data, content_key="message")
+                        message = parse_message(data, content_key="message", clean=may_hold_surrogates(event.data))
                         if replay is None:
                             self._apply(message)
                         else:  # keep only what the buffer could hold: memory stays bounded

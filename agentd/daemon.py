@@ -118,7 +118,7 @@ class Daemon:
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.agentapi_client = agentapi_client()
+        self.agentapi_client = agentapi_client(s.agentapi_url)
         self.coderd_client = coderd_client(s)
         self.buffer = RingBuffer(s.max_messages, max_chars=s.max_bytes)
         self.tail = AgentAPITail(self.agentapi_client, s.agentapi_url, self.buffer, on_status=self._on_agent_status)
@@ -282,9 +282,10 @@ def _upload_dict(outcome: UploadOutcome | None) -> dict[str, Any] | None:
     }
 
 
-def agentapi_client() -> httpx.AsyncClient:
-    """The client for agentapi, a local server: no proxies from the environment."""
-    return httpx.AsyncClient(trust_env=False, timeout=5.0)
+def agentapi_client(url: str) -> httpx.AsyncClient:
+    """The client for agentapi, a local server: no proxies from the environment, and no CA
+    bundle loaded (about 1 MiB and 15 ms) unless ``url`` is https."""
+    return httpx.AsyncClient(trust_env=False, timeout=5.0, verify=url.startswith("https://"))
 
 
 def coderd_client(settings: Settings) -> httpx.AsyncClient:

@@ -76,7 +76,17 @@ def clean_text(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def parse_message(obj: Any, *, content_key: str = "content") -> Message:
+# A JSON text can only decode to a lone surrogate through a \uD800-\uDFFF escape.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def may_hold_surrogates(json_text: str) -> bool:
+    """False when decoding ``json_text`` (valid Unicode) cannot yield a surrogate: then
+    :func:`clean_text` has nothing to do (a scan of the raw text is ~200 x cheaper)."""
+    return _SURROGATE_ESCAPE.search(json_text) is not None
+
+
+def parse_message(obj: Any, *, content_key: str = "content", clean: bool = True) -> Message:
     """Validate one agentapi message object and return it as a :class:`Message`.
 
     ``obj`` is a decoded JSON object: an item of ``GET /messages`` (``content_key="content"``)
@@ -84,7 +94,8 @@ def parse_message(obj: Any, *, content_key: str = "content") -> Message:
 
     Raises :class:`InvalidMessage` when coderd could not read it back: ``id`` not an integer in
     int64 range, ``role`` not ``user``/``agent``, content not a string, ``time`` missing or not
-    RFC 3339.
+    RFC 3339. ``clean=False`` skips :func:`clean_text` when the caller knows, from
+    :func:`may_hold_surrogates`, that there is nothing to clean.
     """
     if not isinstance(obj, dict):
         raise InvalidMessage(f"message is {type(obj).__name__}, not an object")
@@ -100,7 +111,7 @@ def parse_message(obj: Any, *, content_key: str = "content") -> Message:
     time = obj.get("time")
     if not isinstance(time, str) or not is_rfc3339(time):
         raise InvalidMessage(f"message {mid}: time {time!r:.60} is not RFC 3339")
-    return Message(id=mid, role=role, content=clean_text(content), time=time)
+    return Message(id=mid, role=role, content=clean_text(content) if clean else content, time=time)
 
 
 def parse_messages(obj: Any) -> tuple[list[Message], list[str]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agentd.messages import InvalidMessage, is_rfc3339, parse_message, parse_messages
 
@@ -72,3 +74,16 @@ def test_parse_messages_keeps_the_good_and_names_the_bad():
 )
 def test_rfc3339(value, ok):
     assert is_rfc3339(value) is ok
+
+
+@given(st.text(alphabet=st.characters(categories=["Cs", "Cc", "Ll", "So", "Po"])), st.booleans())
+def test_surrogate_prescan_never_misses_one(text, ascii_only):
+    """The SSE hot path skips clean_text when the raw JSON has no surrogate escape: sound for any text."""
+    from agentd.messages import may_hold_surrogates
+
+    # What the tail sees: bytes off the wire, decoded as UTF-8 with replacement (as httpx does).
+    wire = json.dumps({"message": text}, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    raw = wire.decode("utf-8", "replace")
+    decoded = json.loads(raw)["message"]
+    if not may_hold_surrogates(raw):
+        assert not any(0xD800 <= ord(ch) <= 0xDFFF for ch in decoded)
