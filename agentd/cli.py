@@ -38,7 +38,7 @@ EX_SOFTWARE = 70  # sysexits.h: internal software error
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     flags = parser.add_argument_group("settings (each also from the environment; flags win)")
     flags.add_argument("--coderd-url", metavar="URL", help="coderd base URL [CODER_AGENT_URL]")
-    flags.add_argument("--agent-token", metavar="TOKEN", help="agent token [CODER_AGENT_TOKEN]")
+    flags.add_argument("--agent-token", metavar="TOKEN", help="agent token [CODER_AGENT_TOKEN]; visible in ps: prefer the environment or a file")
     flags.add_argument("--agent-token-file", metavar="PATH", help="file holding the agent token [CODER_AGENT_TOKEN_FILE]")
     flags.add_argument("--task-id", metavar="UUID", help="the task's UUID [AGENTD_TASK_ID]")
     flags.add_argument("--agentapi-url", metavar="URL", help="agentapi base URL [AGENTD_AGENTAPI_URL]")
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(sup)
     sup.add_argument("child", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the command to run, e.g. agentapi server -- claude")
     snap = sub.add_parser("snapshot", help="store the snapshot now (via the daemon, or directly without one)")
-    snap.add_argument("--timeout", type=float, default=8.0, metavar="SECONDS", help="give up after this long (default 8)")
+    snap.add_argument("--timeout", type=_seconds, default=8.0, metavar="SECONDS", help="give up after this long (default 8)")
     _add_settings_flags(snap)
     stat = sub.add_parser("status", help="ask the daemon how it is (exit 3 when none answers)")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     hook = sub.add_parser("shutdown-hook", help="stop-script drop-in: SIGUSR1 agentapi, snapshot, SIGTERM agentapi")
     hook.add_argument("--pid-file", type=Path, metavar="PATH", help="agentapi's pid file")
     hook.add_argument("--save-state", action="store_true", help="send agentapi SIGUSR1 (state save) first")
-    hook.add_argument("--timeout", type=float, default=8.0, metavar="SECONDS", help="snapshot time limit (default 8)")
-    hook.add_argument("--stop-timeout", type=float, default=5.0, metavar="SECONDS", help="wait for agentapi to exit (default 5)")
+    hook.add_argument("--timeout", type=_seconds, default=8.0, metavar="SECONDS", help="snapshot time limit (default 8)")
+    hook.add_argument("--stop-timeout", type=_seconds, default=5.0, metavar="SECONDS", help="wait for agentapi to exit (default 5)")
     _add_settings_flags(hook)
     demo = sub.add_parser("demo", help="run the whole job against built-in stand-ins on loopback")
     demo.add_argument("--log-format", default="console", help="json or console (default console)")
@@ -103,8 +103,22 @@ def socket_from(args: argparse.Namespace) -> Path:
 
 
 def _backend() -> str:
-    """``AGENTD_ASYNC_BACKEND``: asyncio (default) or trio."""
-    return "trio" if os.environ.get("AGENTD_ASYNC_BACKEND", "").lower() == "trio" else "asyncio"
+    """``AGENTD_ASYNC_BACKEND``: asyncio (default) or trio. Raises ConfigError otherwise."""
+    backend = os.environ.get("AGENTD_ASYNC_BACKEND", "asyncio").lower() or "asyncio"
+    if backend not in ("asyncio", "trio"):
+        raise ConfigError(f"invalid setting AGENTD_ASYNC_BACKEND: {backend[:20]!r} is not asyncio or trio")
+    return backend
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds in (0, 3600]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not in (0, 3600] seconds")
+    return value
 
 
 def _say(line: str) -> None:
@@ -156,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                     print("agentd: supervise needs a command: agentd supervise -- COMMAND [ARGS...]", file=sys.stderr)
                     return 2
             settings = settings_from(args)
+            if command:
+                settings.check_supervise()
             logs.configure(settings.log_format, settings.log_level)
             logs.add_secret(settings.token)
             standalone = argv is None  # the process is ours (`agentd`, `python -m agentd`)

@@ -224,11 +224,11 @@ class CoderdUploader:
             if exc.retry_after is not None and exc.retry_after + self.min_attempt > left:
                 reason = f"{exc}; coderd asked to retry after {exc.retry_after:.1f} s, {max(left, 0):.1f} s left before the deadline"
             else:
-                reason = f"{exc}; gave up at the shutdown deadline"
+                reason = f"{exc}; gave up at the deadline"
         except _Final as exc:
             status, reason = exc.status, str(exc)
         except _DeadlineTooClose:
-            reason = "no time left before the shutdown deadline"
+            reason = "no time left before the deadline"
         outcome = UploadOutcome(
             stored=not reason,
             status=status,
@@ -265,6 +265,8 @@ class CoderdUploader:
             if _cert_failure(exc):  # retrying cannot make an untrusted certificate trusted
                 raise _Final(f"coderd's TLS certificate is not trusted ({_why(exc)}); set AGENTD_CA_FILE", None) from None
             raise _Retryable(f"cannot reach coderd: {_why(exc)}") from None
+        except httpx.HTTPError as exc:  # e.g. a body that does not decode (a broken proxy's gzip)
+            raise _Retryable(f"unreadable answer from coderd: {_why(exc)}") from None
         status = response.status_code
         if status == 204 or 200 <= status < 300:
             return status

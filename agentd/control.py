@@ -36,6 +36,14 @@ class ControlError(Exception):
     """The control socket could not be used; the text names the path and why."""
 
 
+class NoDaemon(ControlError):
+    """Nothing listens on the control socket (no file, or connection refused)."""
+
+
+class NoAnswer(ControlError):
+    """A daemon accepted the request but did not answer in time, or answered garbage."""
+
+
 class SocketInUse(ControlError):
     """Another daemon answers on the control socket."""
 
@@ -114,10 +122,15 @@ async def serve(listener: anyio.abc.Listener[anyio.abc.SocketStream], handler: H
                 request = json.loads(line)
                 if not isinstance(request, dict):
                     raise ValueError("request is not an object")
-            except (ValueError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
-                await _send(stream, {"ok": False, "error": f"bad request: {exc}"[:200]})
+            except (ValueError, RecursionError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                await _send(stream, {"ok": False, "error": f"bad request: {type(exc).__name__}: {exc}"[:200]})
                 return
-            await _send(stream, await handler(request))
+            try:
+                answer = await handler(request)
+            except Exception as exc:  # a bad request must never take the daemon down
+                log.exception("control request failed", command=str(request.get("command"))[:40])
+                answer = {"ok": False, "error": f"request failed: {type(exc).__name__}"}
+            await _send(stream, answer)
 
     await listener.serve(connection)
 
@@ -125,22 +138,27 @@ async def serve(listener: anyio.abc.Listener[anyio.abc.SocketStream], handler: H
 async def request(path: Path, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Send one request to the daemon at ``path`` and return its answer.
 
-    Raises :class:`ControlError` when no daemon answers there within ``timeout`` seconds.
+    Raises :class:`NoDaemon` when nothing listens there, :class:`NoAnswer` when the daemon does
+    not answer within ``timeout`` seconds.
     """
     try:
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(min(timeout, 2.0)):
             stream = await anyio.connect_unix(path)
+    except (OSError, TimeoutError) as exc:
+        raise NoDaemon(f"no agentd answered on {path}: {type(exc).__name__}") from None
+    try:
+        with anyio.fail_after(timeout):
             async with stream:
                 await _send(stream, payload)
                 line = await _read_line(stream)
-    except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
-        raise ControlError(f"no agentd answered on {path}: {type(exc).__name__}") from None
+    except (OSError, TimeoutError, ValueError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+        raise NoAnswer(f"the agentd on {path} did not answer within {timeout:.0f} s ({type(exc).__name__})") from None
     try:
         answer = json.loads(line)
-    except ValueError:
-        raise ControlError(f"unreadable answer from {path}") from None
+    except (ValueError, RecursionError):
+        raise NoAnswer(f"unreadable answer from {path}") from None
     if not isinstance(answer, dict):
-        raise ControlError(f"unreadable answer from {path}")
+        raise NoAnswer(f"unreadable answer from {path}")
     return answer
 
 

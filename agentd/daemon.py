@@ -73,6 +73,7 @@ class StoreResult:
     result: str
     outcome: UploadOutcome | None = None
     snapshot: Snapshot | None = None
+    reason: str = ""  # why not stored, when no upload was attempted
 
     @property
     def ok(self) -> bool:
@@ -87,7 +88,7 @@ class StoreResult:
             return f"stored: unchanged since the last upload ({len(s.message_ids)} messages, {s.size} bytes)"
         if self.result == "stored":
             return f"stored: {o.messages} messages, {o.bytes} bytes, {o.attempts} attempt{'s' * (o.attempts != 1)}"
-        return f"not stored: {o.reason if o else 'unknown'}"
+        return f"not stored: {o.reason if o else self.reason or 'unknown'}"
 
     def as_dict(self) -> dict[str, Any]:
         return {"result": self.result, "line": self.line(), "outcome": as_dict(self.outcome)}
@@ -154,7 +155,8 @@ class Daemon:
             return
         version = self.buffer.version
         snapshot = SavedState(self.buffer.messages(), self.acked, self.last_upload, self.buffer.offset)
-        await anyio.to_thread.run_sync(self.state.save, snapshot)
+        # A hung disk must not hold the daemon: on cancellation the write is abandoned.
+        await anyio.to_thread.run_sync(self.state.save, snapshot, abandon_on_cancel=True)
         self._saved_version = version
 
     # -- storing -----------------------------------------------------------------------------
@@ -174,7 +176,12 @@ class Daemon:
         Uploads are serialised; a body identical to the one coderd last acknowledged is not
         sent again. Never raises for agentapi's or coderd's failures.
         """
-        async with self._upload_lock:
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as waiting:
+            await self._upload_lock.acquire()
+        if waiting.cancelled_caught:
+            log.warning("another upload is still in progress; not stored", why=why)
+            return StoreResult("failed", None, None, "another upload was still in progress at the deadline")
+        try:
             if refresh:
                 await self.refresh(min(FINAL_REFRESH_TIMEOUT, (deadline - anyio.current_time()) / 4))
             snapshot = build_snapshot(self.buffer.messages(), self.settings.max_bytes)
@@ -189,9 +196,11 @@ class Daemon:
             self.last_upload = outcome
             if outcome.stored:
                 self.acked = digest
-            with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(1.0):  # remember what coderd holds; bounded, never blocking
                 await self.persist(force=True)
             return StoreResult("stored" if outcome.stored else "failed", outcome, snapshot)
+        finally:
+            self._upload_lock.release()
 
     # -- status ----------------------------------------------------------------------------
 
@@ -257,7 +266,8 @@ class Daemon:
             return {"ok": True, "status": self.status()}
         if command == "snapshot":
             timeout = request.get("timeout")
-            timeout = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else self.settings.shutdown_timeout
+            if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout <= 3600):
+                return {"ok": False, "error": "timeout must be a number of seconds in (0, 3600]"}
             self._supersede_checkpoint()
             result = await self.store(anyio.current_time() + timeout, why="snapshot request")
             return {"ok": True, **result.as_dict()}
@@ -361,22 +371,25 @@ async def run(settings: Settings, command: Sequence[str] | None = None) -> int:
                     shutdown_timeout=settings.shutdown_timeout,
                 )
                 signum = early_signals[0] if early_signals else await _wait_for_stop(signals, child)
-                started = anyio.current_time()
-                budget = settings.shutdown_timeout
+                end = anyio.current_time() + settings.shutdown_timeout  # exit by then, whatever happens
+                # The upload's deadline leaves room to write the state and exit, and in supervise
+                # mode the child's stop time (settings check it is below the shutdown timeout).
+                upload_deadline = end - min(0.25, settings.shutdown_timeout / 10)
                 if child is not None and signum is not None:
-                    budget = max(budget / 2, budget - settings.child_stop_timeout)
+                    upload_deadline = end - settings.child_stop_timeout
                 notifier.notify("STOPPING=1")
                 why = signal.Signals(signum).name if signum is not None else "child exited"
                 log.info("shutting down", why=why, timeout=settings.shutdown_timeout)
                 running.cancel()  # tail, checkpoints, control socket: the final upload owns coderd now
-                status = await _shutdown(daemon, started + budget, signals, tg, child)
-                with anyio.move_on_after(1):
+                status = await _shutdown(daemon, upload_deadline, end, signals, tg, child)
+                with anyio.move_on_after(max(0.1, end - anyio.current_time())):
                     await daemon.persist()  # the buffer as it was at the stop, for the next start
                 if child is not None:
                     if child.exited.is_set():
                         status = exit_status(child.returncode)
                     else:
-                        status = await child.stop(signum or signal.SIGTERM, settings.child_stop_timeout)
+                        left = max(0.1, end - anyio.current_time())
+                        status = await child.stop(signum or signal.SIGTERM, min(settings.child_stop_timeout, left))
                 tg.cancel_scope.cancel()
     if listener is not None:  # only the socket this daemon made
         try:
@@ -418,7 +431,10 @@ async def _wait_for_stop(signals: Any, child: Child | None) -> int | None:
     return stop
 
 
-async def _shutdown(daemon: Daemon, deadline: float, signals: Any, tg: anyio.abc.TaskGroup, child: Child | None) -> int:
+async def _shutdown(
+    daemon: Daemon, deadline: float, end: float, signals: Any, tg: anyio.abc.TaskGroup, child: Child | None
+) -> int:
+    """Store by ``deadline``; cut at ``end`` whatever happens; a second signal gives up at once."""
     gave_up = False
     with anyio.CancelScope() as scope:
 
@@ -431,7 +447,7 @@ async def _shutdown(daemon: Daemon, deadline: float, signals: Any, tg: anyio.abc
             scope.cancel()
 
         tg.start_soon(second_signal)
-        with anyio.move_on_after(max(0.0, deadline - anyio.current_time()) + 0.5):
+        with anyio.move_on_after(max(0.0, end - anyio.current_time())):
             result = await daemon.store(deadline)
             return EXIT_STORED if result.ok else EXIT_NOT_STORED
         log.error("snapshot not stored: shutdown deadline passed")

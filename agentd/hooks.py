@@ -37,11 +37,14 @@ async def snapshot(socket: Path, timeout: float, load_settings: Callable[[], Set
     from agentd.daemon import store_once
 
     try:
-        answer = await control.request(socket, {"command": "snapshot", "timeout": timeout}, timeout + 2.0)
-    except control.ControlError as exc:
+        # The daemon stores within `timeout`; a little more for the answer to come back.
+        answer = await control.request(socket, {"command": "snapshot", "timeout": timeout}, timeout + 0.5)
+    except control.NoDaemon as exc:
         log.info("no daemon answered; storing the snapshot directly", reason=str(exc))
         result = await store_once(load_settings(), timeout)
         return (0 if result.ok else 1), result.line()
+    except control.NoAnswer as exc:  # a live daemon owns the upload: never a second uploader
+        return 1, f"not stored: {exc}"
     if not answer.get("ok"):
         return 1, f"not stored: {answer.get('error', 'the daemon refused the request')}"
     return (0 if answer.get("result") != "failed" else 1), str(answer.get("line"))

@@ -6,6 +6,7 @@ every rendered line, whatever carried them: an event field, an exception text, a
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any, TextIO
@@ -17,9 +18,10 @@ REDACTED = "[REDACTED]"
 
 
 def add_secret(value: str) -> None:
-    """Never let ``value`` appear in a log line (values shorter than 4 characters are ignored)."""
+    """Never let ``value`` appear in a log line, as is or escaped the way JSON or a repr would
+    write it (values shorter than 4 characters are ignored)."""
     if len(value) >= 4:
-        _SECRETS.add(value)
+        _SECRETS.update({value, json.dumps(value)[1:-1], repr(value)[1:-1]})
 
 
 def redact(text: str) -> str:
@@ -44,11 +46,13 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     renderer: Any
+    # Tracebacks never carry frame locals: an HTTP client's frames hold the agent token in
+    # their headers, and a local may be cut short so that redaction cannot recognise it.
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
-        exc = [structlog.processors.dict_tracebacks]
+        exc = [structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback)
         exc = []
     structlog.configure(
         processors=[
@@ -60,12 +64,25 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
             _redact_rendered,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *args: _SafePrintLogger(stream),
         cache_logger_on_first_use=False,
     )
     # httpx and httpcore log through the standard library; keep them quiet (no URLs or headers).
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class _SafePrintLogger(structlog.PrintLogger):
+    """A PrintLogger whose failures are dropped: a full disk or a closed pipe on stderr must
+    cost log lines, never the snapshot."""
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except (OSError, ValueError):
+            pass
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -9,6 +9,7 @@ Every setting is also an ``agentd run`` flag; flags win. A missing or invalid se
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,9 @@ from agentd.control import default_socket_path
 from agentd.snapshot import CODERD_MAX_BODY, MIN_MAX_BYTES
 
 EX_CONFIG = 78  # sysexits.h: configuration error
+
+
+_TOKEN = re.compile(r"[!-~]+")  # printable ASCII: what an HTTP header value can carry as is
 
 
 class ConfigError(Exception):
@@ -46,7 +50,7 @@ class Settings(BaseSettings):
     ``socket`` is the control socket's path (see :func:`agentd.control.default_socket_path`).
     """
 
-    model_config = SettingsConfigDict(env_prefix="AGENTD_", populate_by_name=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="AGENTD_", populate_by_name=True, extra="ignore", allow_inf_nan=False)
 
     coderd_url: str = Field(validation_alias=AliasChoices("CODER_AGENT_URL"))
     agent_token: SecretStr | None = Field(
@@ -109,9 +113,22 @@ class Settings(BaseSettings):
             self.agent_token = SecretStr(token)
         if self.agent_token is None or not self.agent_token.get_secret_value().strip():
             raise ValueError("set CODER_AGENT_TOKEN or CODER_AGENT_TOKEN_FILE")
+        if not _TOKEN.fullmatch(self.token):
+            raise ValueError("the agent token must be printable ASCII without spaces (it is sent as an HTTP header)")
         if self.socket is None:
             self.socket = default_socket_path(self.state_dir)
         return self
+
+    def check_supervise(self) -> None:
+        """For ``agentd supervise``: the child's stop time is part of the shutdown timeout.
+
+        Raises :class:`ConfigError` when ``child_stop_timeout`` is not below ``shutdown_timeout``.
+        """
+        if self.child_stop_timeout >= self.shutdown_timeout:
+            raise ConfigError(
+                f"invalid setting AGENTD_CHILD_STOP_TIMEOUT ({self.child_stop_timeout:g} s): must be below "
+                f"AGENTD_SHUTDOWN_TIMEOUT ({self.shutdown_timeout:g} s), of which it is the child's part"
+            )
 
     @property
     def token(self) -> str:
@@ -139,7 +156,7 @@ def _describe(error: dict[str, Any]) -> str:
     loc = error.get("loc") or ()
     field = _FIELD_BY_ENV.get(str(loc[0]), str(loc[0])) if loc else ""
     message = error.get("msg", "invalid").removeprefix("Value error, ")
-    if not field:  # model-level: the token check
+    if not field:  # model-level: the token checks
         names = "CODER_AGENT_TOKEN / CODER_AGENT_TOKEN_FILE"
         return f"invalid setting {names} (--agent-token / --agent-token-file): {message}"
     env = ENV_NAMES.get(field, field)
