@@ -7,10 +7,17 @@ duplicates messages and an agentapi restarted without its state is recognised. L
 ``message_update`` events are applied one by one; ``status_change`` is tracked; ``agent_error``
 is logged.
 
-When the stream ends or fails, the tail reconnects with capped exponential backoff and full
-jitter, logging state changes (connected, disconnected, polling) rather than every attempt.
-An agentapi without ``/events`` (404: older builds, simple stubs) is polled with
-``GET /messages`` instead, about once a second. A malformed event is logged and skipped.
+When the stream ends or fails for a passing reason (connection refused or reset, a timeout,
+a 5xx other than 501, another unexpected status), the tail reconnects with capped exponential
+backoff and full jitter, logging state changes (connected, disconnected, polling) rather than
+every attempt. A server with no usable event stream -- ``/events`` answers 404, 405 or 501
+(older agentapi builds, simple stubs, proxies), or a 2xx that is not ``text/event-stream``
+(an HTML or JSON page) -- is polled with ``GET /messages`` instead, about once a second, for
+the rest of the run (even if ``/events`` appears later: polling still follows the
+conversation). Retrying the stream there would never fill the buffer, and an agentapi gone
+by the stop would leave nothing to store. A poll failure is logged once per run of failures;
+if ``/messages`` answers 404 too, an error says the URL serves neither endpoint. A malformed
+event is logged and skipped.
 """
 
 from __future__ import annotations
@@ -35,7 +42,14 @@ SourceState = Literal["connecting", "connected", "polling", "disconnected"]
 
 
 class AgentAPIError(Exception):
-    """agentapi could not be reached or answered something unusable."""
+    """agentapi could not be reached or answered something unusable.
+
+    ``status`` is the HTTP status when agentapi answered one (else None).
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 async def fetch_messages(client: httpx.AsyncClient, base_url: str, timeout: float) -> list[Message]:
@@ -50,7 +64,7 @@ async def fetch_messages(client: httpx.AsyncClient, base_url: str, timeout: floa
     except (httpx.HTTPError, TimeoutError) as exc:
         raise AgentAPIError(f"GET /messages failed: {type(exc).__name__}: {exc}".rstrip(": ")) from None
     if response.status_code != 200:
-        raise AgentAPIError(f"GET /messages answered {response.status_code}")
+        raise AgentAPIError(f"GET /messages answered {response.status_code}", response.status_code)
     try:
         messages, problems = parse_messages(response.json())
     except (ValueError, InvalidMessage, RecursionError) as exc:  # RecursionError: JSON nested too deep
@@ -139,8 +153,8 @@ class AgentAPITail:
             started = time.monotonic()
             try:
                 await self._stream_events()
-            except _NoEvents:
-                await self._poll()  # until cancelled
+            except _NoEvents as exc:
+                await self._poll(str(exc))  # until cancelled
             except (httpx.HTTPError, SSEError, AgentAPIError, TimeoutError) as exc:
                 self._set_state("disconnected", error=_short(exc))
             else:
@@ -154,10 +168,14 @@ class AgentAPITail:
         timeout = httpx.Timeout(self.connect_timeout, read=self.idle_timeout)
         async with aconnect_sse(self.client, "GET", f"{self.base_url}/events", timeout=timeout) as source:
             status = source.response.status_code
-            if status == 404:
-                raise _NoEvents
+            if status in _NO_EVENT_STREAM:
+                raise _NoEvents(f"GET /events answered {status}")
+            # The same test httpx-sse applies before parsing: what passes here parses there.
+            content_type = source.response.headers.get("content-type", "").partition(";")[0].strip()
+            if 200 <= status < 300 and "text/event-stream" not in content_type:
+                raise _NoEvents(f"GET /events answered {status} {content_type or 'without a content type'}"[:120])
             if status != 200:
-                raise AgentAPIError(f"GET /events answered {status}")
+                raise AgentAPIError(f"GET /events answered {status}", status)
             replay: dict[int, Message] | None = {}  # by id; None once the replay is over
             async for event in source.aiter_sse():
                 try:
@@ -192,21 +210,28 @@ class AgentAPITail:
                     self.events_skipped += 1
                     log.warning("malformed agentapi event skipped", sse_event=event.event[:60], reason=_short(exc))
 
-    async def _poll(self) -> None:
+    async def _poll(self, reason: str) -> None:
         if self.state != "polling":
-            self._set_state("polling", reason="agentapi has no /events")
+            self._set_state("polling", reason=f"no usable event stream: {reason}")
         failures = 0
+        neither = False  # logged that /messages answers 404 too, in this run of failures
         while True:
             try:
                 view = await fetch_messages(self.client, self.base_url, self.connect_timeout)
             except AgentAPIError as exc:
                 failures += 1
-                if failures == 1:
+                if exc.status == 404 and not neither:
+                    neither = True
+                    log.error(
+                        "agentapi serves neither /events nor /messages: nothing to tail (check AGENTD_AGENTAPI_URL)",
+                        url=self.base_url, events=reason, error=str(exc),
+                    )
+                elif failures == 1:
                     log.warning("agentapi poll failed", error=str(exc))
             else:
                 if failures:
                     log.info("agentapi poll recovered", failures=failures)
-                failures = 0
+                failures, neither = 0, False
                 self._merge(view)
                 await self._poll_status()
             await anyio.sleep(self.poll_interval)
@@ -219,8 +244,13 @@ class AgentAPITail:
             pass  # the status only drives checkpoints; the messages are what matter
 
 
+#: ``GET /events`` statuses that mean "this server has no event stream" (not "not now").
+_NO_EVENT_STREAM = frozenset({404, 405, 501})
+
+
 class _NoEvents(Exception):
-    """agentapi answered 404 for /events: poll instead."""
+    """``GET /events`` gives no usable event stream (see :data:`_NO_EVENT_STREAM`, or a 2xx
+    that is not ``text/event-stream``): poll instead. The message says what it answered."""
 
 
 def _short(exc: BaseException) -> str:
