@@ -266,6 +266,7 @@ class CoderdUploader:
                 raise _Final(f"coderd's TLS certificate is not trusted ({_why(exc)}); set AGENTD_CA_FILE", None) from None
             raise _Retryable(f"cannot reach coderd: {_why(exc)}") from None
         except httpx.HTTPError as exc:  # e.g. a body that does not decode (a broken proxy's gzip)
+            log.warning("unreadable answer from coderd", error=_why(exc))
             raise _Retryable(f"unreadable answer from coderd: {_why(exc)}") from None
         status = response.status_code
         if status == 204 or 200 <= status < 300:
