@@ -6,7 +6,8 @@
     python -m bench fleet           # only the fleet simulation
 
 ``make bench QUICK=1`` (or ``BENCH_QUICK=1``) is the smoke run. Only a full run of everything
-writes ``bench/results.md`` (the README's figures); others just print.
+writes ``bench/results.md`` and copies it into README.md between the ``bench:start`` and
+``bench:end`` markers (the README's figures); others just print.
 """
 
 from __future__ import annotations
@@ -24,6 +25,22 @@ from bench.common import BenchError
 
 ALL = ("shutdown", "trim", "ingest", "footprint", "startup", "fleet")
 RESULTS = Path(__file__).with_name("results.md")
+README = Path(__file__).resolve().parent.parent / "README.md"
+_START, _END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _into_readme(text: str) -> bool:
+    """Replace the README's figures (between the markers) with ``text``; False without markers."""
+    try:
+        readme = README.read_text(encoding="utf-8")
+    except OSError:
+        return False
+    head, start, rest = readme.partition(_START)
+    _, end, tail = rest.partition(_END)
+    if not (start and end):
+        return False
+    README.write_text(f"{head}{_START}\n{text}{_END}{tail}", encoding="utf-8")
+    return True
 
 
 def _machine() -> str:
@@ -72,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         out.write_text(text, encoding="utf-8")
         print(f"(written to {out})")
+        if out == RESULTS and _into_readme(text.replace("### ", "#### ")):
+            print(f"(and into {README})")
     return 0
 
 

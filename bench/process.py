@@ -269,7 +269,7 @@ _IMPORT_STEPS = [
     ("pydantic, pydantic-settings", "import pydantic, pydantic_settings"),
     ("structlog, tenacity, httpx-sse", "import structlog, tenacity, httpx_sse"),
     ("agentd's own modules", "import agentd.cli, agentd.daemon"),
-    ("two HTTP clients' CA bundles", "c1 = httpx.AsyncClient(); c2 = httpx.AsyncClient(trust_env=True)"),
+    ("the HTTP clients (coderd's loads the CA bundle)", "c1 = httpx.AsyncClient(verify=False); c2 = httpx.AsyncClient(trust_env=True)"),
 ]
 
 
