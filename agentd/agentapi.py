@@ -8,7 +8,8 @@ duplicates messages and an agentapi restarted without its state is recognised. L
 is logged.
 
 When the stream ends or fails for a passing reason (connection refused or reset, a timeout,
-a 5xx other than 501, another unexpected status), the tail reconnects with capped exponential
+a 5xx other than 501, another unexpected status; a 3xx/4xx only up to three times in a row,
+then it polls), the tail reconnects with capped exponential
 backoff and full jitter, logging state changes (connected, disconnected, polling) rather than
 every attempt. A server with no usable event stream -- ``/events`` answers 404, 405 or 501
 (older agentapi builds, simple stubs, proxies), or a 2xx that is not ``text/event-stream``
@@ -149,6 +150,7 @@ class AgentAPITail:
     async def run(self) -> None:
         """Tail until cancelled. Never raises for agentapi's failures; they are logged."""
         failures = 0
+        refused = 0  # GET /events answered a 3xx/4xx this many times in a row
         while True:
             started = time.monotonic()
             try:
@@ -157,6 +159,10 @@ class AgentAPITail:
                 await self._poll(str(exc))  # until cancelled
             except (httpx.HTTPError, SSEError, AgentAPIError, TimeoutError) as exc:
                 self._set_state("disconnected", error=_short(exc))
+                status = getattr(exc, "status", None)
+                refused = refused + 1 if status is not None and status < 500 else 0
+                if refused >= _REFUSALS_BEFORE_POLLING:  # a lasting refusal, not a hiccup: poll instead
+                    await self._poll(f"GET /events answered {status} {refused} times in a row")
             else:
                 self._set_state("disconnected", error="stream ended")
             # A stream that lived a while was healthy: reconnect at once (a replay is cheap).
@@ -246,6 +252,10 @@ class AgentAPITail:
 
 #: ``GET /events`` statuses that mean "this server has no event stream" (not "not now").
 _NO_EVENT_STREAM = frozenset({404, 405, 501})
+
+
+#: Consecutive 3xx/4xx answers from GET /events (other than the no-stream ones) before polling.
+_REFUSALS_BEFORE_POLLING = 3
 
 
 class _NoEvents(Exception):

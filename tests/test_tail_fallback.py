@@ -360,3 +360,29 @@ async def test_a_5xx_from_events_reconnects_instead_of_polling(code: int, agentd
     snap = coderd.stored.get(TASK)
     assert snap is not None
     assert_same(snap.messages, api)
+
+
+# ---------------------------------------------------------------------------------------------
+# a lasting refusal: poll after a few tries
+
+
+@pytest.mark.parametrize("code", [400, 410, 302])
+async def test_a_lasting_4xx_or_3xx_from_events_ends_in_polling(code: int, agentd, short_dir: Path) -> None:
+    """Not a "no stream here" answer, but not a passing failure either: after three in a row
+    the tail polls instead of holding no messages forever."""
+    api = FakeAgentAPI()
+    api.load(generic_conversation(5))
+    server = Overridden(api, "/events", plain(code, "text/plain", b"refused\n"))
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    async with coderd.serve(), stoppable(server.handle) as (url, stop_api):
+        async with agentd(coderd.url, url) as daemon:
+            status = await wait_status(daemon.sock, lambda s: s["messages"] == 5, timeout=10)
+            assert status["source"]["state"] == "polling"
+            await stop_api()
+            assert await daemon.sigterm_and_wait() == 0, daemon.output()
+    assert server.hits == 3, "three tries at the stream, then polling"
+    [polling] = daemon.events("agentapi polling")
+    assert f"answered {code} 3 times in a row" in polling["reason"], polling
+    snap = coderd.stored.get(TASK)
+    assert snap is not None, daemon.output()
+    assert_same(snap.messages, api)
