@@ -57,7 +57,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import conversations
-from .http import ConnectionClosed, Exchange, Server, serve
+from .http import ConnectionClosed, Exchange, Served, Server, serve
 
 __all__ = ["FakeAgentAPI", "format_rfc3339_nano", "main"]
 
@@ -125,7 +125,7 @@ class Message:
 
 
 @dataclass
-class FakeAgentAPI:
+class FakeAgentAPI(Served):
     """In-process agentapi stand-in. See the module docstring for the wire shapes.
 
     Constructor: ``agent_type`` (str, ``/status`` and ``status_change``), ``status``
@@ -231,26 +231,6 @@ class FakeAgentAPI:
     def subscribers(self) -> int:
         """Number of currently open ``/events`` subscriptions."""
         return len(self._subs)
-
-    @property
-    def url(self) -> str:
-        """Base URL of the running server ("http://127.0.0.1:PORT")."""
-        if self.server is None:
-            raise RuntimeError("not serving; use `async with api.serve():`")
-        return self.server.url
-
-    @property
-    def port(self) -> int:
-        """Bound port of the running server."""
-        if self.server is None:
-            raise RuntimeError("not serving; use `async with api.serve():`")
-        return self.server.port
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        """Poll ``predicate`` every 10 ms until true; raises TimeoutError after ``timeout`` s."""
-        with anyio.fail_after(timeout):
-            while not predicate():
-                await anyio.sleep(0.01)
 
     async def wait_for_subscribers(self, n: int = 1, timeout: float = 5.0) -> None:
         """Wait until at least ``n`` ``/events`` streams are open (``timeout`` seconds)."""

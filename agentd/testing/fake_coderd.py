@@ -81,7 +81,7 @@ from typing import Any
 
 import anyio
 
-from .http import BodyTooLarge, Exchange, Server, serve
+from .http import BodyTooLarge, Exchange, Served, Server, serve
 
 __all__ = [
     "FakeCoderd",
@@ -675,7 +675,7 @@ ScriptEntry = Any  # int | (status, headers) | (status, headers, body) | "hang" 
 
 
 @dataclass
-class FakeCoderd:
+class FakeCoderd(Served):
     """In-process coderd stand-in for the log-snapshot route (see the module docstring).
 
     Constructor: ``token`` (str, the agent token expected in ``Coder-Session-Token``),
@@ -729,29 +729,9 @@ class FakeCoderd:
         """Full URL of the log-snapshot route for ``task``."""
         return f"{self.url}/api/v2/workspaceagents/me/tasks/{task}/log-snapshot" + (f"?{query}" if query else "")
 
-    @property
-    def url(self) -> str:
-        """Base URL (what the Coder agent puts in ``CODER_AGENT_URL``)."""
-        if self.server is None:
-            raise RuntimeError("not serving; use `async with coderd.serve():`")
-        return self.server.url
-
-    @property
-    def port(self) -> int:
-        """Bound port of the running server."""
-        if self.server is None:
-            raise RuntimeError("not serving; use `async with coderd.serve():`")
-        return self.server.port
-
     def answered(self, status: int | None = None) -> list[RecordedRequest]:
         """Recorded requests that were answered (with ``status``, if given)."""
         return [r for r in self.requests if r.status is not None and (status is None or r.status == status)]
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        """Poll ``predicate`` every 10 ms until true; raises TimeoutError after ``timeout`` s."""
-        with anyio.fail_after(timeout):
-            while not predicate():
-                await anyio.sleep(0.01)
 
     async def wait_stored(self, task: str, timeout: float = 5.0) -> Snapshot:
         """Wait until a snapshot for ``task`` is stored; return it."""

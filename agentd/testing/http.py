@@ -53,6 +53,7 @@ __all__ = [
     "ConnectionClosed",
     "Exchange",
     "Handler",
+    "Served",
     "Server",
     "StreamingResponse",
     "serve",
@@ -406,6 +407,35 @@ class Server:
         """Close every open connection now (the listener stays open)."""
         for conn in list(self._conns):
             await conn.close(reset=reset)
+
+
+class Served:
+    """What a stand-in that runs a :class:`Server` offers: ``url``, ``port`` and ``wait_for``.
+
+    The class using it sets ``self.server`` (a :class:`Server`, or None while not serving).
+    """
+
+    server: Server | None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the running server ("http://127.0.0.1:PORT")."""
+        if self.server is None:
+            raise RuntimeError("not serving; use `async with ....serve():`")
+        return self.server.url
+
+    @property
+    def port(self) -> int:
+        """Bound port of the running server."""
+        if self.server is None:
+            raise RuntimeError("not serving; use `async with ....serve():`")
+        return self.server.port
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Poll ``predicate`` every 10 ms until true; raises TimeoutError after ``timeout`` s."""
+        with anyio.fail_after(timeout):
+            while not predicate():
+                await anyio.sleep(0.01)
 
 
 def _check_loopback(host: str) -> None:
