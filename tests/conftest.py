@@ -7,3 +7,26 @@ import pytest
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Run every ``pytest.mark.anyio`` test on both asyncio and trio."""
     return request.param
+
+
+# -- shared harness fixtures (helpers in tests/support.py) --------------------------------------
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import support  # noqa: E402
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory under /tmp, removed after (Unix socket paths must stay under 108 bytes)."""
+    with support.short_dir_context() as path:
+        yield path
+
+
+@pytest.fixture
+def log_stream(monkeypatch: pytest.MonkeyPatch):
+    """agentd's JSON log for in-process runs, captured; the environment cleaned and structlog's
+    configuration restored after."""
+    with support.captured_log(monkeypatch) as stream:
+        yield stream

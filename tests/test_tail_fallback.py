@@ -18,9 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,10 +28,8 @@ from typing import Any
 
 import anyio
 import pytest
-import structlog
+from support import assert_token_absent, daemon_in_task, daemon_status, wait_status, wait_until
 
-from agentd import daemon as daemon_mod
-from agentd import logs
 from agentd.settings import load_settings
 from agentd.testing import FakeAgentAPI, FakeCoderd, generic_conversation, serve
 from agentd.testing.http import Exchange
@@ -108,44 +104,6 @@ async def stoppable(handler: Callable[[Exchange], Awaitable[None]]) -> AsyncIter
 # the daemon, in-process
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    try:
-        with anyio.fail_after(timeout):
-            while not predicate():
-                await anyio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
-
-
-async def daemon_status(sock: Path) -> dict[str, Any]:
-    """The daemon's status over its control socket (a raw JSON line, no agentd client code)."""
-    with anyio.fail_after(3):
-        async with await anyio.connect_unix(str(sock)) as stream:
-            await stream.send(b'{"command":"status"}\n')
-            data = b""
-            while not data.endswith(b"\n"):
-                try:
-                    data += await stream.receive()
-                except anyio.EndOfStream:
-                    break
-    answer = json.loads(data)
-    assert answer["ok"] is True, answer
-    return answer["status"]
-
-
-async def wait_status(sock: Path, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0) -> dict[str, Any]:
-    status: dict[str, Any] = {}
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                status = await daemon_status(sock)
-                if predicate(status):
-                    return status
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"the daemon's status never matched; last: {status}") from None
-
-
 class Daemon:
     def __init__(self, sock: Path, log_stream: io.StringIO) -> None:
         self.sock = sock
@@ -175,35 +133,10 @@ class Daemon:
         out = []
         for line in self.output().splitlines():
             if line.startswith("{"):
-                entry = json.loads(line)
+                entry = json.loads(line)  # strict: a broken log line fails the test
                 if entry.get("event") == name:
                     out.append(entry)
         return out
-
-
-@pytest.fixture
-def short_dir() -> Any:
-    """A short directory (Unix socket paths must stay under 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="agentd-tail-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def log_stream(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """agentd's JSON log, captured; the environment cleaned and structlog restored after."""
-    for key in list(os.environ):
-        if key.startswith(("AGENTD_", "CODER_", "NOTIFY_SOCKET", "WATCHDOG_", "RUNTIME_DIRECTORY", "STATE_DIRECTORY")):
-            monkeypatch.delenv(key)
-    saved = structlog.get_config()
-    stream = io.StringIO()
-    logs.configure("json", "info", stream=stream)
-    try:
-        yield stream
-    finally:
-        structlog.configure(**saved)
 
 
 @pytest.fixture
@@ -225,30 +158,13 @@ def agentd(short_dir: Path, log_stream: io.StringIO):
             log_format="json",
             log_level="info",
         )
-        daemon_mod.early_signals.clear()
         handle = Daemon(sock, log_stream)
-        async with anyio.create_task_group() as tg:
-
-            async def go() -> None:
-                try:
-                    handle.status = await daemon_mod.run(settings)
-                finally:
-                    handle.exited = time.monotonic()
-                    handle.done.set()
-
-            tg.start_soon(go)
-            # "agentd started" is logged once the control socket listens (its file appears a little
-            # earlier: bound, not yet listening) and the signal receiver is in place, so from then
-            # on SIGTERM is the daemon's and the status can be asked.
-            await wait_until(lambda: '"agentd started"' in handle.output() or handle.done.is_set(), 10, "agentd's start line")
-            assert not handle.done.is_set(), f"the daemon returned {handle.status} at start:\n{handle.output()}"
-            try:
-                yield handle
-            finally:
-                if not handle.done.is_set():
-                    tg.cancel_scope.cancel()
-        assert daemon_mod.early_signals == [], "a SIGTERM missed the daemon's receiver"
-        assert TOKEN not in handle.output(), "the agent token leaked into agentd's log"
+        # "agentd started" is logged once the control socket listens (its file appears a little
+        # earlier: bound, not yet listening) and the signal receiver is in place, so from then
+        # on SIGTERM is the daemon's and the status can be asked.
+        async with daemon_in_task(settings, handle, lambda: '"agentd started"' in handle.output(), "agentd's start line"):
+            yield handle
+        assert_token_absent(TOKEN, handle.output())
 
     return start
 
