@@ -18,11 +18,9 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -34,10 +32,8 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-import structlog
+from support import assert_token_absent, clean_env, daemon_in_task, daemon_status, json_lines, wait_status, wait_until
 
-from agentd import daemon as daemon_mod
-from agentd import logs
 from agentd.messages import ROLES, InvalidMessage, parse_message
 from agentd.settings import load_settings
 from agentd.snapshot import TRUNCATION_MARKER
@@ -82,57 +78,6 @@ def assert_same(stored_messages: list[dict], api_messages: list) -> None:
     got = [(m["id"], m["role"], m["content"], m["time"]) for m in stored_messages]
     want = [(m.id, m.role, m.content, m.time) for m in api_messages]
     assert got == want
-
-
-def json_lines(text: str) -> list[dict[str, Any]]:
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    try:
-        with anyio.fail_after(timeout):
-            while not predicate():
-                await anyio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
-
-
-async def daemon_status(sock: Path, timeout: float = 3.0) -> dict[str, Any]:
-    """Ask the daemon's control socket for its status (a raw JSON line, no agentd client code)."""
-    with anyio.fail_after(timeout):
-        async with await anyio.connect_unix(str(sock)) as stream:
-            await stream.send(b'{"command":"status"}\n')
-            data = b""
-            while not data.endswith(b"\n"):
-                try:
-                    data += await stream.receive()
-                except anyio.EndOfStream:
-                    break
-    answer = json.loads(data)
-    assert answer["ok"] is True, answer
-    return answer["status"]
-
-
-async def wait_status(directory: Path, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0) -> dict[str, Any]:
-    """Poll the daemon's status until ``predicate`` holds; return that status."""
-    status: dict[str, Any] = {}
-    try:
-        with anyio.fail_after(timeout):
-            while True:
-                status = await daemon_status(directory / "agentd.sock")
-                if predicate(status):
-                    return status
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"daemon status never matched; last: {status}") from None
 
 
 @asynccontextmanager
@@ -192,9 +137,7 @@ class Setup:
         )
 
     def env(self, backend: str) -> dict[str, str]:
-        drop = ("AGENTD_", "CODER_", "NOTIFY_SOCKET", "WATCHDOG_", "RUNTIME_DIRECTORY", "STATE_DIRECTORY")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-        env.update(
+        return clean_env(
             CODER_AGENT_URL=self.coderd_url,
             CODER_AGENT_TOKEN=self.token,
             AGENTD_TASK_ID=self.task,
@@ -208,7 +151,6 @@ class Setup:
             AGENTD_LOG_LEVEL="info",
             AGENTD_ASYNC_BACKEND=backend,
         )
-        return env
 
 
 class Agentd:
@@ -248,7 +190,7 @@ class Agentd:
         return self.exited - self.signalled[0]
 
     def assert_token_hidden(self) -> None:
-        assert self.setup.token not in self.output(), "the agent token leaked into agentd's output"
+        assert_token_absent(self.setup.token, self.output())
 
 
 class InProcess(Agentd):
@@ -294,59 +236,17 @@ class RealProcess(Agentd):
 
 
 @pytest.fixture
-def short_dir() -> Any:
-    """A short directory (Unix socket paths must stay under 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="agentd-run-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def log_stream(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """agentd's JSON log for in-process runs, captured; structlog's configuration restored after."""
-    for key in list(os.environ):
-        if key.startswith(("AGENTD_", "CODER_", "NOTIFY_SOCKET", "WATCHDOG_", "RUNTIME_DIRECTORY", "STATE_DIRECTORY")):
-            monkeypatch.delenv(key)
-    saved = structlog.get_config()
-    stream = io.StringIO()
-    logs.configure("json", "info", stream=stream)
-    try:
-        yield stream
-    finally:
-        structlog.configure(**saved)
-
-
-@pytest.fixture
 def in_process(log_stream: io.StringIO):
     """``start(setup)``: run ``agentd.daemon.run`` in a task of the test's event loop."""
 
     @asynccontextmanager
     async def start(setup: Setup) -> AsyncIterator[InProcess]:
         settings = setup.settings()
-        daemon_mod.early_signals.clear()
         handle = InProcess(setup, log_stream)
-        async with anyio.create_task_group() as tg:
-
-            async def go() -> None:
-                try:
-                    handle.status = await daemon_mod.run(settings)
-                finally:
-                    handle.exited = time.monotonic()
-                    handle.done.set()
-
-            tg.start_soon(go)
-            # The control socket is opened after the signal receiver: once it exists, SIGTERM
-            # goes to the daemon, not to pytest.
-            await wait_until(lambda: setup.socket.exists() or handle.done.is_set(), 10, "the control socket")
-            assert not handle.done.is_set(), f"the daemon returned {handle.status} at start:\n{handle.output()}"
-            try:
-                yield handle
-            finally:
-                if not handle.done.is_set():
-                    tg.cancel_scope.cancel()
-        assert daemon_mod.early_signals == [], "a SIGTERM missed the daemon's receiver"
+        # The control socket is opened after the signal receiver: once it exists, SIGTERM
+        # goes to the daemon, not to pytest.
+        async with daemon_in_task(settings, handle, setup.socket.exists, "the control socket"):
+            yield handle
 
     return start
 
@@ -565,7 +465,7 @@ async def test_case_6_agentapi_without_events_is_polled(in_process, short_dir: P
         async with in_process(Setup(coderd.url, api.url, short_dir)) as agentd:
             await wait_until(lambda: api.requests["/messages"] >= 2, 5, "two polls")
             assert api.requests["/events"] >= 1  # it asked, got 404, and switched
-            status = await wait_status(short_dir, lambda s: s["messages"] == 6)
+            status = await wait_status(short_dir / "agentd.sock", lambda s: s["messages"] == 6)
             assert status["source"]["state"] == "polling"
             polls = api.requests["/messages"]
             await stop_api()  # agentapi stops first; then the workspace stops
@@ -622,7 +522,7 @@ async def test_final_refresh_takes_what_the_stream_missed(in_process, short_dir:
         async with in_process(Setup(coderd.url, server.url, short_dir)) as agentd:
             await api.wait_for_subscribers(1)
             sock = short_dir / "agentd.sock"
-            status = await wait_status(short_dir, lambda s: s["messages"] == 3 and s["source"]["state"] == "connected")
+            status = await wait_status(short_dir / "agentd.sock", lambda s: s["messages"] == 3 and s["source"]["state"] == "connected")
             before = status["bytes"]
             blocked.append(0)
             api.cut_streams_mid_event()
@@ -650,7 +550,7 @@ async def test_agentapi_gone_at_sigterm_stores_the_buffer(in_process, short_dir:
     async with coderd.serve(), stoppable(api) as stop_api:
         async with in_process(Setup(coderd.url, api.url, short_dir)) as agentd:
             await api.wait_for_subscribers(1)
-            await wait_status(short_dir, lambda s: s["messages"] == 10 and s["source"]["state"] == "connected")
+            await wait_status(short_dir / "agentd.sock", lambda s: s["messages"] == 10 and s["source"]["state"] == "connected")
             port = api.port
             await stop_api()
             with pytest.raises(OSError):
