@@ -185,3 +185,9 @@ async def daemon_in_task(settings: Any, handle: InProcessHandle, ready: Callable
             if not handle.done.is_set():
                 tg.cancel_scope.cancel()
     assert daemon_mod.early_signals == [], "a SIGTERM missed the daemon's receiver"
+
+
+def small_conversation(api: Any, n: int = 4) -> None:
+    """``n`` short messages (user first, then alternating) with box drawing, added to ``api``."""
+    for i in range(n):
+        api.add_message("user" if i % 2 == 0 else "agent", f"message {i}: ╭─ box ─╮ {'x' * 40}")

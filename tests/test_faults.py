@@ -12,16 +12,13 @@ Wall times are printed as ``FAULT-TIMING <case> <seconds>`` (see them with ``-s`
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +29,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from support import clean_env, free_port, make_short_dir, small_conversation
 
 from agentd import control
 from agentd.testing import Exchange, FakeAgentAPI, FakeCoderd, serve
@@ -52,25 +50,6 @@ def timing(case: str, seconds: float) -> None:
     print(f"FAULT-TIMING {case} {seconds:.3f}")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """os.environ without agentd's, Coder's or the TLS trust settings, plus ``extra``."""
-    drop = ("AGENTD_", "CODER_", "SSL_CERT_", "NOTIFY_SOCKET", "WATCHDOG_", "RUNTIME_DIRECTORY", "STATE_DIRECTORY")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(extra)
-    return env
-
-
-def short_dir() -> Path:
-    """A short directory for the control socket (Unix socket paths stay under 108 bytes)."""
-    return Path(tempfile.mkdtemp(prefix="agentd-f-", dir="/tmp"))
-
-
 def stored_messages(coderd: FakeCoderd) -> list[dict[str, Any]]:
     snap = coderd.stored.get(TASK)
     assert snap is not None, "nothing stored"
@@ -89,7 +68,7 @@ class Agentd:
     def __init__(self, backend: str, workdir: Path, env: dict[str, str]) -> None:
         self.backend = backend
         self.workdir = workdir
-        self.sock_dir = short_dir()
+        self.sock_dir = make_short_dir("agentd-f-")
         self.socket = self.sock_dir / "agentd.sock"
         defaults = {
             "AGENTD_ASYNC_BACKEND": backend,
@@ -232,11 +211,6 @@ async def agentd(backend: str, workdir: Path, *, start: bool = True, **env: str)
 
 def coderd_env(url: str) -> dict[str, str]:
     return {"CODER_AGENT_URL": url}
-
-
-def small_conversation(api: FakeAgentAPI, n: int = 4) -> None:
-    for i in range(n):
-        api.add_message("user" if i % 2 == 0 else "agent", f"message {i}: ╭─ box ─╮ {'x' * 40}")
 
 
 def assert_same_conversation(stored: list[dict[str, Any]], api: FakeAgentAPI) -> None:

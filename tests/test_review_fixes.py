@@ -30,7 +30,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -40,6 +39,7 @@ from typing import IO, Any
 
 import anyio
 import pytest
+from support import clean_env, make_short_dir, small_conversation
 
 from agentd import control
 from agentd.testing import FakeAgentAPI, FakeCoderd
@@ -64,13 +64,6 @@ def timing(case: str, seconds: float) -> None:
     print(f"REVIEW-TIMING {case} {seconds:.3f}")
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    drop = ("AGENTD_", "CODER_", "NOTIFY_SOCKET", "WATCHDOG_", "RUNTIME_DIRECTORY", "STATE_DIRECTORY")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(extra)
-    return env
-
-
 def token_forms(token: str) -> set[str]:
     """The token and every 20-character piece of it, raw and as JSON or repr would escape it."""
     forms = {token, json.dumps(token)[1:-1], repr(token)[1:-1]}
@@ -82,11 +75,6 @@ def token_forms(token: str) -> set[str]:
 def assert_no_token(text: str, token: str) -> None:
     leaked = sorted(f for f in token_forms(token) if f in text)
     assert not leaked, f"the agent token (or a piece of it) was printed: {leaked[:3]}"
-
-
-def small_conversation(api: FakeAgentAPI, n: int = 4) -> None:
-    for i in range(n):
-        api.add_message("user" if i % 2 == 0 else "agent", f"message {i}: ╭─ box ─╮ {'x' * 40}")
 
 
 def same_conversation(coderd: FakeCoderd, api: FakeAgentAPI) -> bool:
@@ -101,7 +89,7 @@ class Agentd:
     def __init__(self, backend: str, workdir: Path, env: dict[str, str], token: str = TOKEN) -> None:
         self.workdir = workdir
         self.token = token
-        self.sock_dir = Path(tempfile.mkdtemp(prefix="agentd-r-", dir="/tmp"))
+        self.sock_dir = make_short_dir("agentd-r-")
         self.socket = self.sock_dir / "agentd.sock"
         self.state_dir = workdir / "state"
         defaults = {
