@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 
 import anyio
 import pytest
+from support import assert_token_absent, clean_env, free_port, wait_until
 
 from agentd.testing import FakeAgentAPI, FakeCoderd, conversations
 
@@ -39,10 +39,6 @@ STARTUP = 10.0  # seconds: a daemon's start, generous for a loaded 2-core machin
 
 
 # -- processes ---------------------------------------------------------------------------------
-
-
-def base_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("AGENTD_", "CODER_"))}
 
 
 class Proc:
@@ -111,27 +107,19 @@ def procs():
         p.kill()
 
 
-@pytest.fixture
-def sock_dir():
-    """A short directory for Unix sockets (paths must stay under 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="agh-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 class World:
     """Paths and environment for one test's agentd processes."""
 
-    def __init__(self, tmp_path: Path, sock_dir: Path, backend: str, procs: list[Proc]) -> None:
+    def __init__(self, tmp_path: Path, short_dir: Path, backend: str, procs: list[Proc]) -> None:
         self.tmp = tmp_path
         self.state_dir = tmp_path / "state"
-        self.socket = sock_dir / "agentd.sock"
+        self.socket = short_dir / "agentd.sock"
         self.backend = backend
         self.procs = procs
         self.count = 0
 
     def env(self, coderd_url: str, agentapi_url: str, **extra: str | None) -> dict[str, str]:
-        env = base_env()
+        env = clean_env()
         env.update(
             CODER_AGENT_URL=coderd_url,
             CODER_AGENT_TOKEN=TOKEN,
@@ -152,7 +140,7 @@ class World:
 
     def client_env(self, **extra: str) -> dict[str, str]:
         """Only the socket: a client that fell back to working alone would fail (no settings)."""
-        env = base_env()
+        env = clean_env()
         env.update(AGENTD_SOCKET=str(self.socket), AGENTD_ASYNC_BACKEND=self.backend, **extra)
         return env
 
@@ -171,8 +159,8 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path, sock_dir, anyio_backend, procs):
-    return World(tmp_path, sock_dir, anyio_backend, procs)
+def world(tmp_path, short_dir, anyio_backend, procs):
+    return World(tmp_path, short_dir, anyio_backend, procs)
 
 
 async def agentd(*args: str, env: dict[str, str], timeout: float = 20.0) -> tuple[int, str, str]:
@@ -216,15 +204,6 @@ async def wait_status(sock: Path, predicate, timeout: float = STARTUP, proc: Pro
         raise AssertionError(f"status never matched; last: {last}") from None
 
 
-async def wait_until(predicate, timeout: float, what: str) -> None:
-    try:
-        with anyio.fail_after(timeout):
-            while not predicate():
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 # -- expectations, computed independently of agentd ---------------------------------------------
 
 
@@ -248,8 +227,7 @@ def snapshot_posts(coderd: FakeCoderd) -> list:
 
 
 def assert_no_token(*texts: str) -> None:
-    for text in texts:
-        assert TOKEN not in text, "the agent token leaked into agentd's output"
+    assert_token_absent(TOKEN, *texts)
 
 
 def parse_iso(text: str) -> float:
@@ -278,12 +256,6 @@ def finished_turn(api: FakeAgentAPI, n: int) -> None:
     api.add_message("agent", f"⏺ turn {n}: working ─")
     api.update_last(f"⏺ turn {n}: working ─ done ✅")
     api.set_status("stable")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- agentd snapshot ------------------------------------------------------------------------------
@@ -730,7 +702,7 @@ class AgentAPIProcess:
         argv = [sys.executable, "-m", "agentd.testing.fake_agentapi", "--port", "0", "--messages", str(messages),
                 "--pid-file", str(self.pid_file), "--signal-log", str(self.signal_log),
                 "--state-file", str(self.state_file), "--backend", world.backend]
-        self.proc = Proc(argv, base_env(), world.tmp, "agentapi")
+        self.proc = Proc(argv, clean_env(), world.tmp, "agentapi")
         world.procs.append(self.proc)
         self.url = ""
 

@@ -34,19 +34,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
 import anyio.abc
 import pytest
+from support import assert_token_absent, clean_env, free_port, json_lines, wait_until
 
 from agentd.testing import FakeCoderd, generic_conversation
 
@@ -135,21 +133,6 @@ CHILD_SCRIPT = textwrap.dedent(
 # ---- helpers ---------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """os.environ without agentd's, Coder's and systemd's variables, plus ``extra``."""
-    drop = {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RUNTIME_DIRECTORY", "STATE_DIRECTORY",
-            "CREDENTIALS_DIRECTORY", "SSL_CERT_FILE"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTD_", "CODER_")) and k not in drop}
-    env.update(extra)
-    return env
-
-
 def read_log(path: Path) -> list[tuple[str, list[str]]]:
     """A child's signal log: ``[(WORD, [rest...]), ...]``."""
     if not path.exists():
@@ -163,25 +146,6 @@ def first(path: Path, word: str) -> float:
         if w == word:
             return float(rest[-1])
     raise AssertionError(f"no {word} line in {path}: {path.read_text() if path.exists() else '(missing)'}")
-
-
-async def poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    with anyio.move_on_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.02)
-        return
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def json_lines(text: str) -> list[dict]:
-    out = []
-    for line in text.splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
 
 
 class Proc:
@@ -212,7 +176,7 @@ class Proc:
 
     async def started(self) -> None:
         """Wait for agentd's ``agentd started`` line."""
-        await poll(lambda: "agentd started" in self.events() or self.process.returncode is not None,
+        await wait_until(lambda: "agentd started" in self.events() or self.process.returncode is not None,
                    START_TIMEOUT, "agentd started")
         assert self.process.returncode is None, f"agentd exited early:\n{self.err()}"
 
@@ -221,8 +185,7 @@ class Proc:
             return await self.process.wait()
 
     def assert_no_token(self) -> None:
-        both = self.out() + self.err()
-        assert TOKEN not in both, "the agent token leaked into agentd's output"
+        assert_token_absent(TOKEN, self.out() + self.err())
 
     async def close(self) -> None:
         """Kill what is left of the process group (agentd, its child, any grandchild)."""
@@ -241,16 +204,6 @@ async def start(cmd: list[str], env: dict[str, str], tmp: Path, name: str = "age
             cmd, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env, cwd=str(ROOT), start_new_session=True
         )
     return Proc(process, out, err)
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short directory for the state dir and the control socket (paths < 108 bytes)."""
-    d = Path(tempfile.mkdtemp(prefix="sv-", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -322,7 +275,7 @@ async def wait_buffered(sock: Path, n: int) -> None:
 
 async def child_ready(log: Path) -> int:
     """Wait for the script child's READY line; returns its pid."""
-    await poll(lambda: any(w == "READY" for w, _ in read_log(log)), START_TIMEOUT, f"READY in {log}")
+    await wait_until(lambda: any(w == "READY" for w, _ in read_log(log)), START_TIMEOUT, f"READY in {log}")
     return next(int(rest[0]) for w, rest in read_log(log) if w == "READY")
 
 
@@ -344,8 +297,8 @@ async def test_stop_signal_stores_while_agentapi_alive_then_mirrors_exit(
         proc = await start(supervise(*fake_agentapi(port, sig_log, "--messages", "3")), env, tmp_path)
         try:
             await proc.started()
-            await poll(lambda: "agentapi listening on" in proc.out(), START_TIMEOUT, "the child's listening line")
-            await poll(lambda: "agentapi connected" in proc.events(), START_TIMEOUT, "agentd's tail to connect")
+            await wait_until(lambda: "agentapi listening on" in proc.out(), START_TIMEOUT, "the child's listening line")
+            await wait_until(lambda: "agentapi connected" in proc.events(), START_TIMEOUT, "agentd's tail to connect")
             sent = proc.signal(stop_signal)
             status = await proc.exit_status(10)
         finally:
@@ -385,7 +338,7 @@ async def test_exit_status_is_the_childs(
         try:
             await proc.started()
             await child_ready(log)
-            await poll(lambda: "agentapi connected" in proc.events(), START_TIMEOUT, "agentd's tail to connect")
+            await wait_until(lambda: "agentapi connected" in proc.events(), START_TIMEOUT, "agentd's tail to connect")
             sent = proc.signal(signal.SIGTERM)
             status = await proc.exit_status(10)
         finally:
@@ -448,7 +401,7 @@ async def test_child_exiting_on_its_own_is_stored_and_mirrored(
         try:
             await proc.started()
             child_pid = await child_ready(log)
-            await poll(lambda: "agentapi connected" in proc.events(), START_TIMEOUT, "agentd's tail to connect")
+            await wait_until(lambda: "agentapi connected" in proc.events(), START_TIMEOUT, "agentd's tail to connect")
             if how == "killed-externally":
                 await wait_buffered(short_dir / "agentd.sock", 5)  # the tail holds the conversation
                 gone = time.time()
@@ -487,10 +440,10 @@ async def test_sigusr1_reaches_agentapi_and_agentd_keeps_running(
         proc = await start(cmd, env, tmp_path)
         try:
             await proc.started()
-            await poll(lambda: "agentapi listening on" in proc.out(), START_TIMEOUT, "the child's listening line")
+            await wait_until(lambda: "agentapi listening on" in proc.out(), START_TIMEOUT, "the child's listening line")
             proc.signal(signal.SIGUSR1)
-            await poll(lambda: [w for w, _ in read_log(sig_log)] == ["SIGUSR1"], 5, "SIGUSR1 at the child")
-            await poll(state_file.exists, 5, "agentapi's saved state")  # agentapi saves on SIGUSR1
+            await wait_until(lambda: [w for w, _ in read_log(sig_log)] == ["SIGUSR1"], 5, "SIGUSR1 at the child")
+            await wait_until(state_file.exists, 5, "agentapi's saved state")  # agentapi saves on SIGUSR1
             await anyio.sleep(0.3)
             assert proc.process.returncode is None, "agentd must keep running after SIGUSR1"
             assert not coderd.requests, "SIGUSR1 is not a stop: nothing uploaded"
@@ -518,12 +471,12 @@ async def test_sighup_and_sigusr1_forwarded_and_child_output_passes_through(
         await proc.started()
         await child_ready(log)
         # The child's stdout is agentd's stdout, its stderr agentd's stderr: no pipe, no prefix.
-        await poll(lambda: f"child says {marker} on stdout\n" in proc.out(), 5, "the child's stdout line")
-        await poll(lambda: f"child says {marker} on stderr\n" in proc.err(), 5, "the child's stderr line")
+        await wait_until(lambda: f"child says {marker} on stdout\n" in proc.out(), 5, "the child's stdout line")
+        await wait_until(lambda: f"child says {marker} on stderr\n" in proc.err(), 5, "the child's stderr line")
         assert "on stderr" not in proc.out() and "on stdout" not in proc.err()
         for n, signum in enumerate([signal.SIGHUP, signal.SIGUSR1, signal.SIGHUP], start=1):
             proc.signal(signum)
-            await poll(lambda: len([w for w, _ in read_log(log) if w.startswith("SIG")]) == n, 5,
+            await wait_until(lambda: len([w for w, _ in read_log(log) if w.startswith("SIG")]) == n, 5,
                        f"{signum.name} at the child")
         await anyio.sleep(0.3)
         assert proc.process.returncode is None, "agentd must keep running after SIGHUP/SIGUSR1"
@@ -557,10 +510,10 @@ async def test_coderd_down_child_still_stopped_within_bound(
         proc = await start(supervise(*fake_agentapi(port, sig_log, "--messages", "3")), env, tmp_path)
         try:
             await proc.started()
-            await poll(lambda: "agentapi listening on" in proc.out(), START_TIMEOUT, "the child's listening line")
+            await wait_until(lambda: "agentapi listening on" in proc.out(), START_TIMEOUT, "the child's listening line")
             sent = proc.signal(signal.SIGTERM)
             if coderd_state != "refused":
-                await poll(lambda: bool(coderd.requests), 5, "the upload to reach coderd")
+                await wait_until(lambda: bool(coderd.requests), 5, "the upload to reach coderd")
             if coderd_state == "hanging":
                 # SIGUSR1 during the (hanging) upload is still forwarded, and is not a second stop.
                 proc.signal(signal.SIGUSR1)
@@ -713,7 +666,7 @@ async def test_pid1_sigterm_stores_and_exits_and_orphans_are_reaped(
             assert agentd_ns == ("1" if init == "agentd" else "2"), agentd_ns
 
             # The grandchild, orphaned by the double fork, belongs to the namespace's PID 1 now.
-            await poll(lambda: any(w == "GRANDCHILD" for w, _ in read_log(log)), 5, "the grandchild")
+            await wait_until(lambda: any(w == "GRANDCHILD" for w, _ in read_log(log)), 5, "the grandchild")
             g_ns = next(rest[0] for w, rest in read_log(log) if w == "GRANDCHILD")
 
             def grandchild() -> tuple[int, dict[str, str]] | None:
@@ -726,10 +679,10 @@ async def test_pid1_sigterm_stores_and_exits_and_orphans_are_reaped(
             assert found is not None, f"grandchild {g_ns} is not a child of the namespace's PID 1"
             g_host = found[0]
             assert found[1]["State"][0] != "Z", "seen alive, re-parented to PID 1"
-            await poll(lambda: any(w == "GRANDCHILD-EXIT" for w, _ in read_log(log)), orphan_life + 5,
+            await wait_until(lambda: any(w == "GRANDCHILD-EXIT" for w, _ in read_log(log)), orphan_life + 5,
                        "the grandchild to exit")
             # Reaped: gone from /proc altogether (an unreaped zombie would stay while PID 1 lives).
-            await poll(lambda: not proc_status(g_host), 3, f"the orphan {g_host} to be reaped")
+            await wait_until(lambda: not proc_status(g_host), 3, f"the orphan {g_host} to be reaped")
             zombies = {p: s["Name"] for p, s in children_of(ns_init).items() if s["State"].startswith("Z")}
             assert not zombies, f"zombies left under PID 1: {zombies}"
             assert proc.process.returncode is None, "agentd still running"
