@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -191,3 +192,34 @@ def small_conversation(api: Any, n: int = 4) -> None:
     """``n`` short messages (user first, then alternating) with box drawing, added to ``api``."""
     for i in range(n):
         api.add_message("user" if i % 2 == 0 else "agent", f"message {i}: ╭─ box ─╮ {'x' * 40}")
+
+
+class AgentdChild:
+    """The signal/exit plumbing of a test's ``python -m agentd`` child (``proc``) with its short
+    socket directory (``sock_dir``): subclasses start it and read its output their own way."""
+
+    proc: Any = None  # subprocess.Popen once started
+    sock_dir: Path
+    signalled: float | None = None  # time.monotonic() of the first signal sent
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        """Send ``signum`` (SIGTERM by default); the first one's time is kept in ``signalled``."""
+        assert self.proc is not None
+        if self.signalled is None:
+            self.signalled = time.monotonic()
+        self.proc.send_signal(signum)
+
+    async def wait_exited(self, timeout: float) -> int:
+        """Wait (bounded) until the child has exited; its exit status."""
+        assert self.proc is not None
+        with anyio.fail_after(timeout):
+            while self.proc.poll() is None:
+                await anyio.sleep(0.005)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """Kill the child if it is still running; remove the socket directory."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        shutil.rmtree(self.sock_dir, ignore_errors=True)

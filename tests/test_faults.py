@@ -29,7 +29,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from support import clean_env, free_port, make_short_dir, small_conversation
+from support import AgentdChild, clean_env, free_port, make_short_dir, small_conversation
 
 from agentd import control
 from agentd.testing import Exchange, FakeAgentAPI, FakeCoderd, serve
@@ -62,7 +62,7 @@ def snapshot_body_size(messages: list[dict[str, Any]]) -> int:
     return len(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
 
 
-class Agentd:
+class Agentd(AgentdChild):
     """One ``python -m agentd run`` child process, its output in files."""
 
     def __init__(self, backend: str, workdir: Path, env: dict[str, str]) -> None:
@@ -169,33 +169,17 @@ class Agentd:
 
     # -- signals and exit ----------------------------------------------------------------------
 
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        assert self.proc is not None
-        if self.signalled is None:
-            self.signalled = time.monotonic()
-        self.proc.send_signal(signum)
-
     async def wait_exit(self, timeout: float) -> tuple[int, float]:
         """Exit status and seconds from the first signal (or spawn) to exit."""
-        assert self.proc is not None
-        with anyio.fail_after(timeout):
-            while self.proc.poll() is None:
-                await anyio.sleep(0.005)
+        status = await self.wait_exited(timeout)
         ended = time.monotonic()
-        return self.proc.returncode, ended - (self.signalled if self.signalled is not None else self.spawned)
+        return status, ended - (self.signalled if self.signalled is not None else self.spawned)
 
     def rss_kib(self, field: str = "VmRSS") -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
         raise AssertionError(f"no {field} in /proc/{self.pid}/status")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
-
 
 @asynccontextmanager
 async def agentd(backend: str, workdir: Path, *, start: bool = True, **env: str) -> AsyncIterator[Agentd]:

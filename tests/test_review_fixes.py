@@ -26,7 +26,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from typing import IO, Any
 
 import anyio
 import pytest
-from support import clean_env, make_short_dir, small_conversation
+from support import AgentdChild, clean_env, make_short_dir, small_conversation
 
 from agentd import control
 from agentd.testing import FakeAgentAPI, FakeCoderd
@@ -82,7 +81,7 @@ def same_conversation(coderd: FakeCoderd, api: FakeAgentAPI) -> bool:
     return snap is not None and [(m["id"], m["content"]) for m in snap.messages] == [(m.id, m.content) for m in api.messages]
 
 
-class Agentd:
+class Agentd(AgentdChild):
     """One ``python -m agentd ...`` child process. Output goes to files unless ``stdout`` /
     ``stderr`` are given (a file object or fd the test owns)."""
 
@@ -167,26 +166,11 @@ class Agentd:
                     return status
                 await anyio.sleep(0.02)
 
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        assert self.proc is not None
-        if self.signalled is None:
-            self.signalled = time.monotonic()
-        self.proc.send_signal(signum)
-
     async def wait_exit(self, timeout: float = WAIT) -> tuple[int, float]:
         """Exit status and seconds since the first signal."""
-        assert self.proc is not None
-        with anyio.fail_after(timeout):
-            while self.proc.poll() is None:
-                await anyio.sleep(0.005)
+        status = await self.wait_exited(timeout)
         took = time.monotonic() - (self.signalled or time.monotonic())
-        return self.proc.returncode, took
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
+        return status, took
 
 
 @asynccontextmanager
