@@ -2,7 +2,7 @@
 
 The body is exactly the shape of agentapi's ``GET /messages`` response,
 ``{"messages":[{"id":..,"content":..,"role":..,"time":..}, ...]}``, encoded as compact UTF-8
-JSON (non-ASCII characters are sent as themselves, not as ``\\uXXXX`` escapes: a box-drawing
+JSON (non-ASCII characters are sent as themselves, not as ``\\u2500``-style escapes: a box-drawing
 character costs 3 bytes instead of 6).
 
 coderd reads the raw request body through a hard cap of 65 536 bytes (CONTRACT.md §1), so
