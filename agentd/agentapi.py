@@ -79,7 +79,7 @@ class AgentAPITail:
     """Keeps ``buffer`` up to date with the agentapi at ``base_url`` until cancelled.
 
     ``on_status(old, new)`` is called on every agent status change (``running``/``stable``);
-    ``on_change()`` after every change to the buffer. Both must be quick and must not raise.
+    it must be quick and must not raise. Changes to the buffer show in ``buffer.version``.
     ``state``/``state_since`` (a ``time.time()``) and ``agent_status`` describe the source for
     ``agentd status``.
 
@@ -95,7 +95,6 @@ class AgentAPITail:
         buffer: RingBuffer,
         *,
         on_status: Callable[[str | None, str], None] | None = None,
-        on_change: Callable[[], None] | None = None,
         poll_interval: float = 1.0,
         backoff_base: float = 0.25,
         backoff_max: float = 5.0,
@@ -106,7 +105,6 @@ class AgentAPITail:
         self.base_url = base_url
         self.buffer = buffer
         self._on_status = on_status or (lambda old, new: None)
-        self._on_change = on_change or (lambda: None)
         self.poll_interval = poll_interval
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
@@ -115,8 +113,6 @@ class AgentAPITail:
         self.state: SourceState = "connecting"
         self.state_since = time.time()
         self.agent_status: str | None = None
-        self.events_applied = 0
-        self.events_skipped = 0
 
     # -- state ---------------------------------------------------------------------------
 
@@ -136,14 +132,9 @@ class AgentAPITail:
 
     def _merge(self, view: list[Message]) -> None:
         resets = self.buffer.resets
-        if self.buffer.sync(view):
-            self._on_change()
+        self.buffer.sync(view)
         if self.buffer.resets != resets:
             log.warning("agentapi conversation started over; keeping the earlier messages before it")
-
-    def _apply(self, message: Message) -> None:
-        if self.buffer.apply(message):
-            self._on_change()
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -189,7 +180,7 @@ class AgentAPITail:
                     if event.event == "message_update":
                         message = parse_message(data, content_key="message", clean=may_hold_surrogates(event.data))
                         if replay is None:
-                            self._apply(message)
+                            self.buffer.apply(message)
                         else:  # keep only what the buffer could hold: memory stays bounded
                             replay[message.id] = self.buffer.clip(message)
                             if len(replay) > self.buffer.max_messages:
@@ -210,10 +201,7 @@ class AgentAPITail:
                         )
                     else:
                         log.debug("unknown agentapi event skipped", sse_event=event.event[:60])
-                        continue
-                    self.events_applied += 1
                 except (ValueError, InvalidMessage, AttributeError, RecursionError) as exc:
-                    self.events_skipped += 1
                     log.warning("malformed agentapi event skipped", sse_event=event.event[:60], reason=_short(exc))
 
     async def _poll(self, reason: str) -> None:
