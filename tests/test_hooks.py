@@ -26,7 +26,7 @@ from typing import Any
 
 import anyio
 import pytest
-from support import assert_token_absent, clean_env, free_port, wait_until
+from support import EXIT_SLACK, assert_token_absent, clean_env, free_port, wait_until
 
 from agentd.testing import FakeAgentAPI, FakeCoderd, conversations
 
@@ -338,7 +338,7 @@ async def test_snapshot_without_daemon_and_agentapi_down_stores_the_persisted_bu
         async with api.serve():
             daemon = world.start(world.env(coderd.url, api.url))
             await wait_status(world.socket, lambda s: s["messages"] == 5, proc=daemon)
-            await wait_until(lambda: len((world.state_file() or {}).get("messages", [])) == 5, 5, "the state file")
+            await wait_until(lambda: len((world.state_file() or {}).get("messages", [])) == 5, 30, "the state file")
             daemon.signal(signal.SIGKILL)
             await daemon.wait(5)
             api_url = api.url
@@ -371,7 +371,7 @@ async def test_kill9_then_restart_with_agentapi_down_stores_the_pre_crash_messag
             assert first.alive()
             await wait_status(world.socket, lambda s: s["pid"] == first.pid)
 
-            await wait_until(lambda: len((world.state_file() or {}).get("messages", [])) == 4, 5, "the state file")
+            await wait_until(lambda: len((world.state_file() or {}).get("messages", [])) == 4, 30, "the state file")
             assert stat.S_IMODE(os.stat(world.state_dir / "state.json").st_mode) == 0o600, "the state file is private"
             first.signal(signal.SIGKILL)
             await first.wait(5)
@@ -487,14 +487,14 @@ async def test_finished_turn_uploads_a_checkpoint_and_unchanged_shutdown_sends_n
     async with servers(2) as (api, coderd):
         daemon = world.start(world.env(coderd.url, api.url, AGENTD_CHECKPOINT_INTERVAL="1"))
         await wait_status(world.socket, lambda s: s["messages"] == 2 and s["agent_status"] == "stable", proc=daemon)
-        await anyio.sleep(0.3)
-        assert snapshot_posts(coderd) == [], "no checkpoint without a finished turn"
+        assert snapshot_posts(coderd) == [], "no checkpoint without a finished turn"  # and none later: see the end
 
         finished_turn(api, 1)
         turn_done = time.monotonic()
-        await wait_until(lambda: len(snapshot_posts(coderd)) == 1, 1.0 + 1.0, "a checkpoint")
+        await wait_until(lambda: len(snapshot_posts(coderd)) == 1, 30, "a checkpoint")
         post = snapshot_posts(coderd)[0]
-        assert post.status == 204 and post.monotonic - turn_done <= 1.0 + 0.5
+        # At once after the finished turn (the interval only spaces checkpoints apart).
+        assert post.status == 204 and post.monotonic - turn_done <= 1.0 + EXIT_SLACK
         assert stored_wire(coderd) == wire(api) and len(wire(api)) == 4
 
         status = await wait_status(world.socket, lambda s: s["last_upload"] is not None)
@@ -517,12 +517,14 @@ async def test_checkpoints_are_rate_limited_and_a_later_change_is_sent_at_shutdo
         burst_end = time.monotonic()
         # The last turn's conversation is checkpointed, at most one interval later.
         await wait_until(lambda: coderd.stored.get(TASK) is not None and stored_wire(coderd) == wire(api, 12),
-                         1.0 + 1.5, "the checkpoint of the last turn")
+                         30, "the checkpoint of the last turn")
         await anyio.sleep(0.5)
         posts = snapshot_posts(coderd)
         times = [p.monotonic for p in posts]
         assert all(p.status == 204 for p in posts)
-        assert 2 <= len(posts) <= 3, f"{len(posts)} checkpoints for 10 turns in {burst_end - start:.2f} s"
+        # One at once, then at most one an interval (1 s) for as long as the burst lasted.
+        most = 3 + int(burst_end - start)
+        assert 2 <= len(posts) <= most, f"{len(posts)} checkpoints for 10 turns in {burst_end - start:.2f} s"
         gaps = [b - a for a, b in zip(times, times[1:])]
         assert all(g >= 0.9 for g in gaps), f"checkpoints closer than the interval: {gaps}"
 
@@ -541,8 +543,7 @@ async def test_checkpoint_interval_zero_sends_nothing_until_shutdown(world):
         await wait_status(world.socket, lambda s: s["messages"] == 2 and s["agent_status"] == "stable", proc=daemon)
         finished_turn(api, 1)
         await wait_status(world.socket, lambda s: s["messages"] == 4)
-        await anyio.sleep(0.8)  # with checkpoints on, the first one goes out at once
-        assert snapshot_posts(coderd) == []
+        assert snapshot_posts(coderd) == []  # and none until the stop: one request in all, below
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait(10) == 0
         assert len(snapshot_posts(coderd)) == 1 and stored_wire(coderd) == wire(api)
@@ -610,7 +611,7 @@ async def test_agentapi_restarted_empty_then_agentd_killed_and_restarted_keeps_o
             second.add_message("user", "after the restart: question")
             second.add_message("agent", "after the restart: answer ─ done")
             await wait_status(world.socket, lambda s: s["messages"] == 5, proc=daemon)
-            await wait_until(lambda: len((world.state_file() or {}).get("messages", [])) == 5, 5, "the state file")
+            await wait_until(lambda: len((world.state_file() or {}).get("messages", [])) == 5, 30, "the state file")
             daemon.signal(signal.SIGKILL)
             await daemon.wait(5)
 
@@ -747,7 +748,7 @@ async def test_shutdown_hook_orders_sigusr1_upload_sigterm(world):
     assert signals[0][1] < post.time < signals[1][1], (signals, post.time)
     saved = json.loads(agentapi.state_file.read_text())
     assert len(saved["messages"]) == 3
-    assert took < 0.5 + 5 + 3, took
+    assert took < 0.5 + 5 + 3 + EXIT_SLACK, took
     assert_no_token(out, err)
 
 
@@ -767,7 +768,7 @@ async def test_shutdown_hook_still_stops_agentapi_when_coderd_is_down(world):
     assert await agentapi.proc.wait(2) == 0
     assert [name for name, _ in agentapi.signals()] == ["SIGUSR1", "SIGTERM"]
     # SIGUSR1 pause (0.5 s) + the snapshot's bound (1 s) + agentapi's exit; nothing waits longer.
-    assert took < 0.5 + 1 + 3, took
+    assert took < 0.5 + 1 + 3 + EXIT_SLACK, took
     assert_no_token(out, err)
 
 
@@ -797,13 +798,13 @@ async def test_snapshot_request_is_not_held_up_by_a_hanging_checkpoint(world):
         daemon = world.start(world.env(coderd.url, api.url, AGENTD_CHECKPOINT_INTERVAL="1"))
         await wait_status(world.socket, lambda s: s["messages"] == 2 and s["agent_status"] == "stable", proc=daemon)
         finished_turn(api, 1)
-        await wait_until(lambda: len(coderd.requests) == 1, 3, "the checkpoint (which hangs)")
+        await wait_until(lambda: len(coderd.requests) == 1, 30, "the checkpoint (which hangs)")
         started = time.monotonic()
         code, out, err = await agentd("snapshot", "--timeout", "2", env=world.client_env())
         took = time.monotonic() - started
         assert code == 0, out + err
         assert one_line(out).startswith("stored: 4 messages")
-        assert took < 2 + 1.0, f"agentd snapshot --timeout 2 took {took:.2f} s"
+        assert took < 2 + EXIT_SLACK, f"agentd snapshot --timeout 2 took {took:.2f} s"
         assert stored_wire(coderd) == wire(api)
         assert daemon.alive()
         daemon.signal(signal.SIGTERM)

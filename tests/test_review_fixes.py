@@ -38,7 +38,7 @@ from typing import IO, Any
 
 import anyio
 import pytest
-from support import AgentdChild, clean_env, make_short_dir, small_conversation
+from support import EXIT_SLACK, AgentdChild, clean_env, make_short_dir, small_conversation
 
 from agentd import control
 from agentd.testing import FakeAgentAPI, FakeCoderd
@@ -50,7 +50,7 @@ TOKEN = "review-token-" + secrets.token_hex(12)
 #: 80+ characters, with characters that a JSON or repr rendering would escape.
 LONG_TOKEN = "review-long-" + secrets.token_hex(30) + '"q\\' + secrets.token_hex(6)
 #: Seconds any single wait may take before the test fails.
-WAIT = 10.0
+WAIT = 30.0
 #: A scripted answer that claims gzip but is not (a broken proxy in front of coderd).
 NOT_GZIP = b"not-gzip!!"
 
@@ -318,7 +318,7 @@ async def test_gzip_lie_400_ends_not_stored_naming_the_unreadable_answer(anyio_b
         not_stored = d.events("snapshot not stored")
     timing(f"gzip-400[{anyio_backend}]", took)
     assert rc == 1, d.output()[-3000:]
-    assert took <= 1.5 + 1.0
+    assert took <= 1.5 + EXIT_SLACK
     assert coderd.stored == {} and coderd.requests and all(r.status == 400 for r in coderd.answered())
     assert len(not_stored) == 1, d.output()[-3000:]
     assert "unreadable answer from coderd" in not_stored[0]["reason"], not_stored[0]
@@ -412,7 +412,7 @@ async def test_hung_state_write_does_not_hold_the_exit(anyio_backend: str, tmp_p
         d.assert_clean()
     timing(f"hung-state-write[{anyio_backend}]", took)
     assert rc == 0, d.output()[-3000:]
-    assert took <= shutdown_timeout + 1.0, took
+    assert took <= shutdown_timeout + EXIT_SLACK, took
     assert same_conversation(coderd, api)
     assert coderd.upserts.get(TASK) == 1
 
@@ -424,8 +424,12 @@ async def test_hung_state_write_does_not_hold_the_exit(anyio_backend: str, tmp_p
 async def test_snapshot_timeout_while_the_daemons_upload_is_held(anyio_backend: str, tmp_path: Path) -> None:
     api = FakeAgentAPI()
     small_conversation(api)
-    coderd = FakeCoderd(token=TOKEN, tasks={TASK}, script=["hang"])
-    async with api.serve(), coderd.serve(), agentd(
+    # A hold is a hold: every request hangs until the test lets go (the daemon cuts each attempt
+    # after its own 5 s and retries into the same hold, however slow the machine is).
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK}, hang=True)
+    # Where the client would upload if it (wrongly) did so on its own: must see no request.
+    sentinel = FakeCoderd(token=TOKEN, tasks={TASK})
+    async with api.serve(), coderd.serve(), sentinel.serve(), agentd(
         anyio_backend, tmp_path, CODER_AGENT_URL=coderd.url, AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT="3",
     ) as d:
         d.start()
@@ -434,18 +438,21 @@ async def test_snapshot_timeout_while_the_daemons_upload_is_held(anyio_backend: 
 
             async def first_snapshot() -> None:  # holds the upload: coderd never answers it
                 try:
-                    await control.request(d.socket, {"command": "snapshot", "timeout": 20}, 25)
+                    await control.request(d.socket, {"command": "snapshot", "timeout": 600}, 610)
                 except control.ControlError:
                     pass  # cut when the daemon stops
 
             tg.start_soon(first_snapshot)
-            await coderd.wait_for(lambda: len(coderd.requests) == 1, WAIT)
-            # The client has everything it would need to upload on its own.
+            await coderd.wait_for(lambda: len(coderd.requests) >= 1, WAIT)
+            # The client has everything it would need to upload on its own (to the sentinel).
             client_env = clean_env(**{k: v for k, v in d.env.items() if k.startswith(("AGENTD_", "CODER_"))})
-            rc_status, out_status, start_cost = await run_client(["status"], client_env)
+            client_env["CODER_AGENT_URL"] = sentinel.url
+            rc_status, out_status, start_cost = await run_client(["status"], client_env, timeout=60)
             assert rc_status == 0, out_status
-            rc, out, took = await run_client(["snapshot", "--timeout", "2"], client_env)
-            assert len(coderd.requests) == 1, [(r.method, r.path, r.status) for r in coderd.requests]
+            rc, out, took = await run_client(["snapshot", "--timeout", "2"], client_env, timeout=60)
+            assert sentinel.requests == [], [(r.method, r.path, r.status) for r in sentinel.requests]
+            assert all(r.status is None for r in coderd.requests)  # still held
+            coderd.hang = False  # let go: the daemon's final upload gets through
             d.signal()
             code, stop_took = await d.wait_exit()
             tg.cancel_scope.cancel()
@@ -456,10 +463,11 @@ async def test_snapshot_timeout_while_the_daemons_upload_is_held(anyio_backend: 
     assert "Traceback" not in out
     assert rc == 1, out
     assert re.search(r"another upload|did not answer", out), out
-    assert 1.5 <= took <= 2.5 + start_cost + 0.5, (took, start_cost)
-    # The daemon's own shutdown stores: the held request was cut, the final upload is the second.
+    assert took >= 1.5, took  # it waited for its --timeout (how much longer depends on the machine)
+    # The daemon's own shutdown stores: the held requests were cut, the final upload got 204.
     assert code == 0, d.output()[-3000:]
-    assert [r.status for r in coderd.requests] == [None, 204]
+    statuses = [r.status for r in coderd.requests]
+    assert statuses[-1] == 204 and all(s is None for s in statuses[:-1]), statuses
     assert same_conversation(coderd, api)
 
 
@@ -501,15 +509,15 @@ async def test_supervise_stops_within_the_shutdown_timeout(anyio_backend: str, t
                 await anyio.sleep(0.02)
         child_pid = int(pid_file.read_text())
         d.signal()
-        rc, took = await d.wait_exit(shutdown_timeout + 3)
+        rc, took = await d.wait_exit(shutdown_timeout + EXIT_SLACK + 3)
         d.assert_clean()
         not_stored = d.events("snapshot not stored")
     timing(f"supervise-4-2[{anyio_backend}]", took)
-    assert took <= shutdown_timeout + 1.0, took
+    assert took <= shutdown_timeout + EXIT_SLACK, took
     assert rc == 128 + signal.SIGKILL, d.output()[-3000:]
     assert coderd.requests and coderd.stored == {}
     assert len(not_stored) == 1, d.output()[-3000:]
-    with anyio.fail_after(2):  # the child that ignored SIGTERM was killed
+    with anyio.fail_after(30):  # the child that ignored SIGTERM was killed
         while alive(child_pid):
             await anyio.sleep(0.02)
 

@@ -89,7 +89,7 @@ async def test_http_keepalive_capped_body_and_plain_response() -> None:
             seen.append((len(exc.partial), True))
         await ex.respond(200, {"content-type": "text/plain", "x-test": "1"}, b"ok")
 
-    async with serve(handler) as server, httpx.AsyncClient(timeout=5) as client:
+    async with serve(handler) as server, httpx.AsyncClient(timeout=30) as client:
         assert server.url == f"http://127.0.0.1:{server.port}"
         r1 = await client.post(server.url + "/a", content=b"x" * 10)
         r2 = await client.post(server.url + "/b", content=b"x" * 11)
@@ -106,12 +106,12 @@ async def test_http_streaming_chunks_arrive_one_by_one() -> None:
     async def handler(ex: Exchange) -> None:
         stream = await ex.start_stream(200, [("content-type", "text/plain")])
         await stream.send(b"first\n")
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):
             await go_on.wait()
         await stream.send(b"second\n")
         await stream.end()
 
-    async with serve(handler) as server, httpx.AsyncClient(timeout=5) as client:
+    async with serve(handler) as server, httpx.AsyncClient(timeout=30) as client:
         async with client.stream("GET", server.url + "/s") as resp:
             assert resp.headers["transfer-encoding"] == "chunked"
             chunks = resp.aiter_raw()
@@ -139,11 +139,11 @@ async def test_http_faults_hang_abort_raw() -> None:
         else:
             await ex.send_raw(b"garbage\r\n\r\n")
 
-    async with serve(handler) as server, httpx.AsyncClient(timeout=5) as client:
+    async with serve(handler) as server, httpx.AsyncClient(timeout=30) as client:
         t0 = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
             await client.get(server.url + "/hang", timeout=0.3)
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 20  # ended by the 0.3 s client timeout, not a hang
         with pytest.raises(httpx.RemoteProtocolError):
             async with client.stream("GET", server.url + "/abort") as resp:
                 await resp.aread()
@@ -164,7 +164,7 @@ async def test_http_expect_100_continue_like_curl() -> None:
         await ex.respond(200, {"content-type": "text/plain"}, str(len(body)).encode())
 
     async with serve(handler) as server:
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):
             async with await anyio.connect_tcp("127.0.0.1", server.port) as sock:
                 await sock.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
                 first = await sock.receive()
@@ -183,12 +183,12 @@ async def test_http_exit_cancels_open_connections_and_rejects_non_loopback() -> 
         started.set()
         await ex.hang()
 
-    with anyio.fail_after(5):
+    with anyio.fail_after(30):
         async with serve(handler) as server:
             async with anyio.create_task_group() as tg:
 
                 async def client_call() -> None:
-                    async with httpx.AsyncClient(timeout=5) as client:
+                    async with httpx.AsyncClient(timeout=30) as client:
                         with pytest.raises(httpx.HTTPError):
                             await client.get(server.url + "/")
 
@@ -227,7 +227,7 @@ async def test_coderd_rules_apply_in_contract_order() -> None:
     """Each request breaks rule k and every later rule: the answer is rule k's."""
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
     huge_invalid = b"{" + b"!" * 70_000
-    async with coderd.serve() as c, httpx.AsyncClient(timeout=5) as client:
+    async with coderd.serve() as c, httpx.AsyncClient(timeout=30) as client:
 
         async def check(expected_status: int, expected_message: str | None, **kw) -> dict:
             r = await post(client, c, kw.pop("body", huge_invalid), **kw)
@@ -271,7 +271,7 @@ async def test_coderd_rules_apply_in_contract_order() -> None:
 
 async def test_coderd_body_cap_is_65536_raw_bytes() -> None:
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
-    async with coderd.serve() as c, httpx.AsyncClient(timeout=5) as client:
+    async with coderd.serve() as c, httpx.AsyncClient(timeout=30) as client:
         ok = await post(client, c, padded_body(SNAPSHOT_MAX_BYTES))
         assert ok.status_code == 204
         assert len(c.stored[TASK].body) == 65_536
@@ -327,7 +327,7 @@ async def test_coderd_body_cap_is_65536_raw_bytes() -> None:
 )
 async def test_coderd_decodes_like_go(body: bytes, status: int, message: str | None) -> None:
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
-    async with coderd.serve() as c, httpx.AsyncClient(timeout=5) as client:
+    async with coderd.serve() as c, httpx.AsyncClient(timeout=30) as client:
         r = await post(client, c, body)
         assert r.status_code == status, r.text
         if message is not None:
@@ -338,7 +338,7 @@ async def test_coderd_decodes_like_go(body: bytes, status: int, message: str | N
 
 async def test_coderd_upserts_with_its_own_clock_and_reads_back() -> None:
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
-    async with coderd.serve() as c, httpx.AsyncClient(timeout=5) as client:
+    async with coderd.serve() as c, httpx.AsyncClient(timeout=30) as client:
         empty = await client.get(f"{c.url}/api/v2/tasks/me/{TASK}/logs")
         assert empty.json() == {"count": 0, "logs": [], "snapshot": True}
         before = time.time()
@@ -360,12 +360,12 @@ async def test_coderd_upserts_with_its_own_clock_and_reads_back() -> None:
             {"id": 0, "content": "second", "type": "input", "time": T0},
             {"id": 1, "content": "⏺ done ✅", "type": "output", "time": T0},
         ]
-        assert (await c.wait_stored(TASK, timeout=1)) is second
+        assert (await c.wait_stored(TASK, timeout=10)) is second
 
 
 async def test_coderd_bad_role_is_stored_but_poisons_read_back() -> None:
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
-    async with coderd.serve() as c, httpx.AsyncClient(timeout=5) as client:
+    async with coderd.serve() as c, httpx.AsyncClient(timeout=30) as client:
         r = await post(client, c, payload([msg(0, "ok", "user"), msg(1, "x", "system")]))
         assert r.status_code == 204  # the upload path does not check roles
         back = await client.get(f"{c.url}/api/v2/tasks/me/{TASK}/logs")
@@ -382,7 +382,7 @@ async def test_coderd_script_retry_after_close_and_hang() -> None:
         token=TOKEN, tasks={TASK},
         script=[503, (503, {"Retry-After": "1"}), (502, {}, b"<html>bad gateway</html>"), "close", None, 401],
     )
-    async with coderd.serve() as c, httpx.AsyncClient(timeout=5) as client:
+    async with coderd.serve() as c, httpx.AsyncClient(timeout=30) as client:
         r1 = await post(client, c, payload([msg(0)]))
         r2 = await post(client, c, payload([msg(0)]))
         r3 = await post(client, c, payload([msg(0)]))
@@ -405,7 +405,7 @@ async def test_coderd_script_retry_after_close_and_hang() -> None:
         t0 = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
             await post(client, c, payload([msg(1)]), timeout=0.3)  # would hang forever otherwise
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 20  # ended by the 0.3 s client timeout, not a hang
         assert c.requests[-1].status is None and c.requests[-1].body == payload([msg(1)])
         assert c.upserts[TASK] == 2
 
@@ -420,7 +420,7 @@ async def test_coderd_hang_flag_with_short_client_timeout() -> None:
 
 async def test_coderd_max_rps_answers_503_with_retry_after() -> None:
     coderd = FakeCoderd(token=TOKEN, tasks={TASK}, max_rps=2)
-    async with coderd.serve() as c, httpx.AsyncClient(timeout=5) as client:
+    async with coderd.serve() as c, httpx.AsyncClient(timeout=30) as client:
         statuses = [(await post(client, c, payload([msg(0)]))) for _ in range(4)]
         assert [r.status_code for r in statuses] == [204, 204, 503, 503]
         assert int(statuses[2].headers["retry-after"]) >= 1
@@ -428,7 +428,7 @@ async def test_coderd_max_rps_answers_503_with_retry_after() -> None:
 
 async def test_coderd_without_the_feature_answers_404_everywhere() -> None:
     coderd = FakeCoderd(token=TOKEN, tasks={TASK}, feature=False)
-    async with coderd.serve() as c, httpx.AsyncClient(timeout=5) as client:
+    async with coderd.serve() as c, httpx.AsyncClient(timeout=30) as client:
         assert (await post(client, c, payload([msg(0)]))).status_code == 404
         assert (await client.get(f"{c.url}/api/v2/tasks/me/{TASK}/logs")).status_code == 404
         assert c.stored == {}
@@ -437,7 +437,7 @@ async def test_coderd_without_the_feature_answers_404_everywhere() -> None:
 async def test_coderd_never_records_the_token() -> None:
     secret = "s3cr3t-" + uuid.uuid4().hex
     coderd = FakeCoderd(token=secret, tasks={TASK})
-    async with coderd.serve() as c, httpx.AsyncClient(timeout=5) as client:
+    async with coderd.serve() as c, httpx.AsyncClient(timeout=30) as client:
         for token in (secret, "wrong-" + secret):
             await post(client, c, payload([msg(0)]), token=token)
         dump = repr(c.requests) + json.dumps([r.as_json() for r in c.requests])
@@ -472,7 +472,7 @@ async def test_agentapi_messages_and_status() -> None:
     api = FakeAgentAPI(agent_type="claude", status="stable")
     api.add_message("agent", "╭─╮ hello ✻")
     api.add_message("user", "do it")
-    async with api.serve() as a, httpx.AsyncClient(timeout=5) as client:
+    async with api.serve() as a, httpx.AsyncClient(timeout=30) as client:
         msgs = (await client.get(a.url + "/messages")).json()
         assert [(m["id"], m["role"], m["content"]) for m in msgs["messages"]] == [
             (0, "agent", "╭─╮ hello ✻"), (1, "user", "do it")
@@ -499,13 +499,13 @@ async def test_agentapi_events_replay_then_live() -> None:
     api = FakeAgentAPI(status="running")
     api.add_message("agent", "welcome")
     api.add_message("user", "question")
-    async with api.serve() as a, httpx.AsyncClient(timeout=5) as client:
+    async with api.serve() as a, httpx.AsyncClient(timeout=30) as client:
         async with aconnect_sse(client, "GET", a.url + "/events") as source:
             assert source.response.headers["content-type"].startswith("text/event-stream")
             events = source.aiter_sse()
 
             async def next_event() -> tuple[str, dict]:
-                with anyio.fail_after(5):
+                with anyio.fail_after(30):
                     sse = await events.__anext__()
                 return sse.event, json.loads(sse.data)
 
@@ -539,7 +539,7 @@ async def test_agentapi_events_replay_then_live() -> None:
 
 async def test_agentapi_without_events_answers_404() -> None:
     api = FakeAgentAPI(events=False)
-    async with api.serve() as a, httpx.AsyncClient(timeout=5) as client:
+    async with api.serve() as a, httpx.AsyncClient(timeout=30) as client:
         assert (await client.get(a.url + "/events")).status_code == 404
         assert (await client.get(a.url + "/messages")).status_code == 200
         assert a.requests["/events"] == 1
@@ -549,16 +549,16 @@ async def test_agentapi_slow_subscriber_is_dropped_at_max_queue() -> None:
     api = FakeAgentAPI(max_queue=16)
     api.add_message("agent", "start")
     big = "─" * 30_000  # 90 000 bytes per event: the socket buffers fill quickly
-    async with api.serve() as a, httpx.AsyncClient(timeout=5) as client:
+    async with api.serve() as a, httpx.AsyncClient(timeout=30) as client:
         async with aconnect_sse(client, "GET", a.url + "/events") as source:
             events = source.aiter_sse()
-            with anyio.fail_after(5):
+            with anyio.fail_after(30):
                 for _ in range(2):  # replay: message + status
                     await events.__anext__()
             await a.wait_for_subscribers(1)
             # Stop reading while the agent keeps rewriting its message.
             sent = 0
-            with anyio.fail_after(10):
+            with anyio.fail_after(30):
                 while a.dropped_subscribers == 0:
                     sent += 1
                     api.update_last(f"{sent} {big}")
@@ -566,29 +566,29 @@ async def test_agentapi_slow_subscriber_is_dropped_at_max_queue() -> None:
             assert a.subscribers == 0
             # The client resumes: it gets what was queued, then the stream just ends.
             received = 0
-            with anyio.fail_after(10):
+            with anyio.fail_after(30):
                 async for sse in events:
                     assert sse.event == "message_update"
                     received += 1
             assert 0 < received < sent
         # Reconnecting replays the full, current state.
         async with aconnect_sse(client, "GET", a.url + "/events") as source:
-            with anyio.fail_after(5):
+            with anyio.fail_after(30):
                 first = await source.aiter_sse().__anext__()
             assert json.loads(first.data)["message"].startswith(f"{sent} ")
 
 
 async def test_agentapi_burst_beyond_max_queue_drops_even_a_reader() -> None:
     api = FakeAgentAPI(max_queue=4)
-    async with api.serve() as a, httpx.AsyncClient(timeout=5) as client:
+    async with api.serve() as a, httpx.AsyncClient(timeout=30) as client:
         async with aconnect_sse(client, "GET", a.url + "/events") as source:
             events = source.aiter_sse()
-            with anyio.fail_after(5):
+            with anyio.fail_after(30):
                 await events.__anext__()  # status_change
             await a.wait_for_subscribers(1)
             for i in range(10):  # synchronous burst: no chance to drain in between
                 api.add_message("agent", f"m{i}")
-            with anyio.fail_after(5):
+            with anyio.fail_after(30):
                 got = [json.loads(s.data)["id"] async for s in events]
             assert got == [0, 1, 2, 3]  # the queued 4, then the end
             assert a.dropped_subscribers == 1
@@ -597,29 +597,29 @@ async def test_agentapi_burst_beyond_max_queue_drops_even_a_reader() -> None:
 async def test_agentapi_drop_inject_and_cut_streams() -> None:
     api = FakeAgentAPI()
     api.add_message("agent", "hello")
-    async with api.serve() as a, httpx.AsyncClient(timeout=5) as client:
+    async with api.serve() as a, httpx.AsyncClient(timeout=30) as client:
         # drop_subscribers: the stream ends cleanly
         async with aconnect_sse(client, "GET", a.url + "/events") as source:
             await a.wait_for_subscribers(1)
             api.drop_subscribers()
-            with anyio.fail_after(5):
+            with anyio.fail_after(30):
                 kinds = [s.event async for s in source.aiter_sse()]
             assert kinds == ["message_update", "status_change"]
         assert a.subscribers == 0 and a.dropped_subscribers == 0
         # inject_raw: malformed event reaches the client as is
         async with aconnect_sse(client, "GET", a.url + "/events") as source:
             events = source.aiter_sse()
-            with anyio.fail_after(5):
+            with anyio.fail_after(30):
                 await events.__anext__()
                 await events.__anext__()
             api.inject_raw(b"event: message_update\ndata: {not json\n\n")
-            with anyio.fail_after(5):
+            with anyio.fail_after(30):
                 bad = await events.__anext__()
             assert (bad.event, bad.data) == ("message_update", "{not json")
             # cut_streams_mid_event: half an event, then the connection closes
             api.cut_streams_mid_event()
             with pytest.raises(httpx.RemoteProtocolError):
-                with anyio.fail_after(5):
+                with anyio.fail_after(30):
                     async for _ in events:
                         pass
         assert a.subscribers == 0

@@ -232,7 +232,7 @@ class FakeAgentAPI(Served):
         """Number of currently open ``/events`` subscriptions."""
         return len(self._subs)
 
-    async def wait_for_subscribers(self, n: int = 1, timeout: float = 5.0) -> None:
+    async def wait_for_subscribers(self, n: int = 1, timeout: float = 30.0) -> None:
         """Wait until at least ``n`` ``/events`` streams are open (``timeout`` seconds)."""
         await self.wait_for(lambda: self.subscribers >= n, timeout)
 

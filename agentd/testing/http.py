@@ -431,7 +431,7 @@ class Served:
             raise RuntimeError("not serving; use `async with ....serve():`")
         return self.server.port
 
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         """Poll ``predicate`` every 10 ms until true; raises TimeoutError after ``timeout`` s."""
         with anyio.fail_after(timeout):
             while not predicate():
