@@ -65,6 +65,8 @@ class FleetRun:
     body_bytes: list[int] = field(default_factory=list)
     #: (sent, answered, status or None, attempt number), times in seconds from the start
     requests: list[tuple[float, float, int | None, int]] = field(default_factory=list)
+    #: True when the stand-in coderd ran on a core of its own (:func:`pin_apart`)
+    pinned: bool = False
 
     @property
     def stored(self) -> int:
@@ -261,11 +263,34 @@ def simulate(n: int, rps: float | None, timeout: float, factory: UploaderFactory
     run = FleetRun(n=n, rps=rps or float("inf"), timeout=timeout, body_bytes=[b.size for b in bodies])
     with tempfile.TemporaryDirectory(prefix="agentd-fleet-", dir="/tmp") as tmp:
         coderd = CoderdProcess([str(t) for t in tasks], rps, Path(tmp))
+        pinned = pin_apart(coderd.proc.pid)
         try:
             anyio.run(_simulate, coderd.proc.pid, coderd.url, tasks, bodies, timeout, run, factory, backend="asyncio")
         finally:
             coderd.close()
+            if pinned is not None:
+                os.sched_setaffinity(0, pinned)
+    run.pinned = pinned is not None
     return run
+
+
+def pin_apart(coderd_pid: int) -> set[int] | None:
+    """Give the stand-in coderd a core of its own and the uploaders the others, where the machine
+    has two or more; returns this process's former CPU set (to restore), or None if not pinned.
+
+    On a shared 2-core machine an unpinned stand-in competes with the 1 000 uploaders for both
+    cores, and its slowness shows up as agentd's: pinned, what is measured is the policy.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    former = set(cpus)
+    try:
+        os.sched_setaffinity(coderd_pid, {cpus[-1]})
+        os.sched_setaffinity(0, set(cpus[:-1]))
+    except OSError:
+        return None
+    return former
 
 
 def timeline(run: FleetRun, step: float = 1.0) -> str:

@@ -233,8 +233,10 @@ def _fleet_notes(runs: list[tuple[str, fleet.FleetRun]]) -> list[str]:
         retry_from = run.first_answers + 1.0
         out.append(
             f"- R = {run.rps:g}/s, {run.timeout:g} s: {run.stored} stored of the {run.best() * run.n:.0f} the "
-            f"arithmetic allows. The stand-in coderd is a Python process sharing {os.cpu_count()} cores with "
-            f"the 1 000 uploaders. It took {run.first_answers:.1f} s to answer the first 1 000 simultaneous "
+            f"arithmetic allows ({run.share():.1%} against {run.best():.0%}). "
+            + (f"The stand-in coderd is a Python process with a core of its own (the 1 000 uploaders on the other {os.cpu_count() - 1}). "
+               if run.pinned else f"The stand-in coderd is a Python process sharing {os.cpu_count()} cores with the 1 000 uploaders. ")
+            + f"It took {run.first_answers:.1f} s to answer the first 1 000 simultaneous "
             f"uploads, and stored {first_stored} of them. `Retry-After` counts from the answer, so no retry "
             f"could arrive before {retry_from:.1f} s. That left {max(0.0, run.timeout - retry_from):.1f} s of "
             f"coderd's capacity for the other {run.n - first_stored}. A real coderd answers such a burst in "
