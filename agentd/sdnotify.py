@@ -36,10 +36,6 @@ class Notifier:
         #: Seconds between WATCHDOG=1 pings (half of $WATCHDOG_USEC), or None without a watchdog.
         self.watchdog_interval = int(usec) / 2e6 if watchdog_ok else None
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.address)
-
     def notify(self, message: str) -> None:
         """Send one message (newline-separated assignments). Failures are logged once, not raised."""
         if not self.address:

@@ -298,11 +298,6 @@ class Exchange:
             raise BodyTooLarge(limit, bytes(self._body[: limit + 1]))
         return bytes(self._body)
 
-    @property
-    def body_complete(self) -> bool:
-        """True once the whole request body has been read."""
-        return self._body_done
-
     # -- normal responses ----------------------------------------------------------------------
 
     async def respond(self, status: int, headers: Headers | None = None, body: bytes = b"") -> None:
