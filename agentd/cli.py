@@ -1,4 +1,4 @@
-"""Command line: ``agentd run | snapshot | status | shutdown-hook | demo``.
+"""Command line: ``agentd run | check | snapshot | status | shutdown-hook | demo``.
 
 Exit status: 0 stored (or nothing to store), 1 not stored, 3 no daemon answered (``status``),
 73 another daemon holds the control socket, 78 bad configuration (one line on stderr naming
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     sup = sub.add_parser("supervise", help="container entrypoint: run COMMAND as a child and tail it as run does")
     _add_settings_flags(sup)
     sup.add_argument("child", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the command to run, e.g. agentapi server -- claude")
+    chk = sub.add_parser("check", help="probe agentapi and coderd: would the snapshot be stored? (stores nothing)")
+    chk.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_settings_flags(chk)
     snap = sub.add_parser("snapshot", help="store the snapshot now (via the daemon, or directly without one)")
     snap.add_argument("--timeout", type=_seconds, default=8.0, metavar="SECONDS", help="give up after this long (default 8)")
     _add_settings_flags(snap)
@@ -187,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.command == "status":
             status, text = anyio.run(hooks.status, socket_from(args), args.json, backend=_backend())
+            _say(text)
+            return status
+        if args.command == "check":
+            from agentd import check
+
+            settings = settings_from(args)
+            flags = {name: getattr(args, name, None) for name in _SETTING_FLAGS}
+            status, text = anyio.run(check.main, settings, flags, args.json, backend=_backend())
             _say(text)
             return status
         if args.command == "snapshot":

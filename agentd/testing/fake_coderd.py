@@ -48,11 +48,21 @@ handling), ``hang`` (read the request, never answer), ``max_rps`` (over R reques
 second -> 503 with ``Retry-After``), ``feature=False`` (every route 404: a Coder without the
 feature), ``fail_store``.
 
+Coder's own refusals: ``no_route=True`` (every Tasks route unregistered, as coderd v2.36/v2.37
+without ``CODER_ENABLE_AI_TASKS=true`` and later releases: the agent token is still checked,
+401, then 404 ``{"message":"Route not found."}``); ``rate_limit=N`` (coderd's API rate limiter,
+go-chi/httprate keyed by client address: over N requests in ``rate_window`` seconds, a sliding
+window weighing the previous one, -> 429 ``{"message":"You've been rate limited for sending
+more than N requests in 1m0s."}`` with ``Retry-After`` = the window in seconds and the
+``X-Ratelimit-Limit``/``-Remaining``/``-Reset`` headers; coderd's default is 512 a minute).
+``GET /api/v2/buildinfo`` answers ``{"version": version, ...}`` without a token, as coderd does.
+
 Process mode::
 
     python -m agentd.testing.fake_coderd --port P --token-file F --task UUID [--task UUID ...]
         [--script 503,502,503:1,hang,close] [--hang] [--store-file F] [--request-log F]
-        [--max-rps R] [--no-feature] [--pid-file F]
+        [--max-rps R] [--no-feature] [--no-route] [--rate-limit N [--rate-window S]]
+        [--coder-version V] [--pid-file F]
 
 prints ``coderd listening on http://127.0.0.1:P`` once listening; writes every stored snapshot to
 ``--store-file`` (JSON, rewritten atomically on each upsert) and one JSON line per answered
@@ -102,6 +112,7 @@ SIGNED_OUT_MESSAGE = "You are signed out or your session has expired. Please sig
 
 _SNAPSHOT_RE = re.compile(r"^/api/v2/workspaceagents/me/tasks/([^/]*)/log-snapshot$")
 _READBACK_RE = re.compile(r"^/api/v2/tasks/([^/]+)/([^/]+)/logs$")
+_BUILDINFO_PATH = "/api/v2/buildinfo"
 _REDACTED_HEADERS = {"coder-session-token", "authorization", "cookie", "proxy-authorization"}
 
 INT64_MIN = -(2**63)
@@ -701,6 +712,10 @@ class FakeCoderd(Served):
     hang: bool = False
     max_rps: float | None = None
     fail_store: bool = False
+    no_route: bool = False
+    rate_limit: int | None = None
+    rate_window: float = 60.0
+    version: str = "v2.30.0+fake"
     on_store: Callable[[str, Snapshot], None] | None = None
     on_request: Callable[[RecordedRequest], None] | None = None
     stored: dict[str, Snapshot] = field(default_factory=dict)
@@ -708,6 +723,7 @@ class FakeCoderd(Served):
     upserts: dict[str, int] = field(default_factory=dict)
     server: Server | None = field(default=None, repr=False)
     _window: deque[float] = field(default_factory=deque, repr=False)
+    _rate_counts: dict[float, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.tasks = {go_parse_uuid(str(t)) for t in self.tasks}
@@ -787,7 +803,7 @@ class FakeCoderd(Served):
 
     async def _route(self, ex: Exchange, rec: RecordedRequest) -> None:
         readback = _READBACK_RE.match(ex.path)
-        if readback and ex.method == "GET" and self.feature:
+        if readback and ex.method == "GET" and self.feature and not self.no_route:
             await self._readback(ex, rec, readback.group(2))
             return
         snap = _SNAPSHOT_RE.match(ex.path)
@@ -814,6 +830,13 @@ class FakeCoderd(Served):
                                    headers=[("retry-after", str(wait))])
                 return
             self._window.append(now)
+        if await self._rate_limited(ex, rec):
+            return
+        if ex.path == _BUILDINFO_PATH and ex.method == "GET":
+            rec.status = 200
+            await ex.respond_json(200, {"external_url": self.url, "version": self.version, "dashboard_url": self.url,
+                                        "workspace_proxy": False, "agent_api_version": "2.0"})
+            return
         if not self.feature or not snap:
             await self._answer(ex, rec, 404, "Route not found.")
             return
@@ -821,6 +844,28 @@ class FakeCoderd(Served):
             await self._answer(ex, rec, 405, "Method not allowed.")
             return
         await self._log_snapshot(ex, rec, snap.group(1))
+
+    async def _rate_limited(self, ex: Exchange, rec: RecordedRequest) -> bool:
+        """coderd's API rate limiter (go-chi/httprate ``Limit``): answer 429 and return True
+        when the weighted count of this window and the last reaches ``rate_limit``."""
+        if self.rate_limit is None or self.rate_limit <= 0:
+            return False
+        now = time.time()
+        window = self.rate_window
+        current = math.floor(now / window) * window
+        for start in [k for k in self._rate_counts if k < current - window]:
+            del self._rate_counts[start]
+        previous = self._rate_counts.get(current - window, 0)
+        rate = round(previous * (window - (now - current)) / window + self._rate_counts.get(current, 0))
+        headers = [("x-ratelimit-limit", str(self.rate_limit)), ("x-ratelimit-reset", str(int(current + window)))]
+        if rate + 1 > self.rate_limit:
+            await self._read_all(ex, rec)
+            headers += [("x-ratelimit-remaining", str(self.rate_limit - rate)), ("retry-after", str(int(window)))]
+            message = f"You've been rate limited for sending more than {self.rate_limit} requests in {go_duration(window)}."
+            await self._answer(ex, rec, 429, message, headers=headers)
+            return True
+        self._rate_counts[current] = self._rate_counts.get(current, 0) + 1
+        return False
 
     async def _scripted(self, ex: Exchange, rec: RecordedRequest, entry: ScriptEntry) -> None:
         await self._read_all(ex, rec)
@@ -871,6 +916,10 @@ class FakeCoderd(Served):
             )
             return
         rec.auth = "ok"
+        if self.no_route:  # the Tasks routes are not registered: the agent group's NotFound
+            await self._read_all(ex, rec)
+            await self._answer(ex, rec, 404, "Route not found.")
+            return
         # 2. task id
         try:
             task = go_parse_uuid(raw_task)
@@ -965,6 +1014,16 @@ class FakeCoderd(Served):
         )
 
 
+def go_duration(seconds: float) -> str:
+    """Go's ``time.Duration.String()`` for whole seconds: ``1m0s``, ``30s``, ``1h0m0s``."""
+    total = int(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
 # ---------------------------------------------------------------------------------------------
 # process mode
 
@@ -1025,6 +1084,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-rps", type=float, help="answer 503 + Retry-After beyond R requests per second")
     p.add_argument("--no-feature", action="store_true", help="every route 404 (Coder without the feature)")
     p.add_argument("--fail-store", action="store_true", help="the upsert fails: 500")
+    p.add_argument("--no-route", action="store_true",
+                   help='Tasks routes unregistered: token checked, then 404 "Route not found." (no CODER_ENABLE_AI_TASKS)')
+    p.add_argument("--rate-limit", type=int, help="coderd's API rate limiter: over N requests per window -> 429")
+    p.add_argument("--rate-window", type=float, default=60.0, help="the rate limiter's window, seconds (default 60)")
+    p.add_argument("--coder-version", default="v2.30.0+fake", help="version in GET /api/v2/buildinfo")
     p.add_argument("--store-file", help="JSON file rewritten with every stored snapshot")
     p.add_argument("--request-log", help="append one JSON line per answered request")
     p.add_argument("--pid-file", help="write the process id here")
@@ -1038,6 +1102,7 @@ async def _amain(args: argparse.Namespace) -> int:
     coderd = FakeCoderd(
         token=token, tasks=set(args.task), feature=not args.no_feature, script=parse_script(args.script),
         hang=args.hang, max_rps=args.max_rps, fail_store=args.fail_store,
+        no_route=args.no_route, rate_limit=args.rate_limit, rate_window=args.rate_window, version=args.coder_version,
     )
     if args.store_file:
         store_file = args.store_file
