@@ -50,6 +50,8 @@ class SettingLine:
 def _shown(value: Any) -> str:
     if value is None:
         return "(unset)"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -108,10 +110,11 @@ class CheckResult:
 
     def text(self) -> str:
         width = max(len(line.env) for line in self.settings)
+        value_width = min(48, max(len(line.value) for line in self.settings))
         out = ["settings:"]
         for line in self.settings:
             where = {"flag": f"flag {line.flag}", "file": f"file {line.origin}"}.get(line.source, line.source)
-            out.append(f"  {line.env:<{width}}  {line.value}  [{where}]")
+            out.append(f"  {line.env:<{width}}  {line.value:<{value_width}}  [{where}]")
         out.append("peers:")
         out.append(f"  agentapi  {'ok  ' if self.agentapi.ok else 'FAIL'}  {self.agentapi.sentence}")
         coderd_mark = "ok  " if self.coderd.ready else "WAIT" if self.coderd.transient else "FAIL"
@@ -119,7 +122,9 @@ class CheckResult:
         if self.would_store:
             out.append("result: a snapshot would be stored")
         else:
-            out.append("result: a snapshot would NOT be stored; fix the lines marked FAIL (WAIT: passing, try again)")
+            fix = "fix the lines marked FAIL" if not self.coderd.transient or not self.agentapi.ok else ""
+            wait = "WAIT is passing: try again" if self.coderd.transient else ""
+            out.append("result: a snapshot would NOT be stored; " + "; ".join(part for part in (fix, wait) if part))
         return "\n".join(out)
 
 

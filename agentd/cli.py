@@ -1,6 +1,6 @@
 """Command line: ``agentd run | check | snapshot | status | shutdown-hook | demo``.
 
-Exit status: 0 stored (or nothing to store), 1 not stored, 3 no daemon answered (``status``),
+Exit status: 0 stored (or nothing to store; ``check``: would be stored), 1 not stored, 3 no daemon answered (``status``),
 73 another daemon holds the control socket, 78 bad configuration (one line on stderr naming
 the setting, no traceback), 70 internal error (logged with the token redacted).
 """
@@ -52,11 +52,12 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     flags.add_argument("--child-stop-timeout", metavar="SECONDS", help="supervise: time the child gets to exit [AGENTD_CHILD_STOP_TIMEOUT]")
     flags.add_argument("--log-format", metavar="FORMAT", help="json, console or auto [AGENTD_LOG_FORMAT]")
     flags.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning, error [AGENTD_LOG_LEVEL]")
+    flags.add_argument("--startup-probe", metavar="BOOL", help="run: probe agentapi and coderd at start-up, true or false [AGENTD_STARTUP_PROBE]")
 
 
 _SETTING_FLAGS = (
     "coderd_url agent_token agent_token_file task_id agentapi_url max_messages max_bytes "
-    "shutdown_timeout state_dir ca_file checkpoint_interval socket child_stop_timeout log_format log_level"
+    "shutdown_timeout state_dir ca_file checkpoint_interval socket child_stop_timeout log_format log_level startup_probe"
 ).split()
 
 

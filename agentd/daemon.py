@@ -9,6 +9,9 @@ says ``READY=1``, and runs these tasks in one task group until SIGTERM or SIGINT
 * checkpoints: after a finished turn (agent ``running`` -> ``stable``), upload if the snapshot
   differs from the last one coderd acknowledged, at most once per ``checkpoint_interval``;
 * the control socket (``agentd snapshot`` / ``agentd status``);
+* the start-up probe (``AGENTD_STARTUP_PROBE``, :mod:`agentd.probe`): agentapi once, coderd's
+  log-snapshot endpoint (a request that stores nothing) again with backoff until it answers
+  definitively; one log line per problem, the verdict in ``agentd status`` and ``STATUS=``;
 * the systemd watchdog.
 
 On the first signal: ``STOPPING=1``, stop the tail and any checkpoint in flight, then
@@ -33,7 +36,7 @@ import anyio
 import anyio.abc
 import httpx
 
-from agentd import control
+from agentd import control, probe
 from agentd.agentapi import AgentAPIError, AgentAPITail, fetch_messages
 from agentd.buffer import RingBuffer
 from agentd.coderd import CoderdUploader, UploadOutcome
@@ -116,6 +119,8 @@ class Daemon:
     acked: str | None = None
     last_upload: UploadOutcome | None = None
     started: float = field(default_factory=time.time)
+    coderd_probe: probe.CoderdVerdict | None = None  # the start-up probe's latest verdict
+    agentapi_probe: probe.AgentAPIReport | None = None
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -218,14 +223,41 @@ class Daemon:
             "pid": os.getpid(),
             "started": _iso(self.started),
             "persisted": self.state.enabled,
+            "probe": {
+                "coderd": self.coderd_probe.as_dict() if self.coderd_probe else None,
+                "agentapi": self.agentapi_probe.as_dict() if self.agentapi_probe else None,
+            } if self.settings.startup_probe else None,
         }
 
     def status_line(self) -> str:
         upload = self.last_upload
         last = "none" if upload is None else ("stored" if upload.stored else "failed")
-        return f"agentapi {self.tail.state}; {len(self.buffer)} messages; last upload {last}"
+        line = f"agentapi {self.tail.state}; {len(self.buffer)} messages; last upload {last}"
+        return f"{line}; {self.coderd_probe.short}" if self.coderd_probe else line
 
     # -- background tasks --------------------------------------------------------------------
+
+    async def probe_peers(self) -> None:
+        """The start-up probe: agentapi once, coderd until it answers definitively (see
+        :func:`agentd.probe.watch_coderd`). Stores nothing; never raises for a peer's failure."""
+        if not self.settings.startup_probe:
+            return
+        s = self.settings
+
+        def on_verdict(verdict: probe.CoderdVerdict) -> None:
+            self.coderd_probe = verdict
+            self.notifier.status(self.status_line())
+
+        async def agentapi_once() -> None:
+            report = await probe.probe_agentapi(
+                self.agentapi_client, s.agentapi_url, max_messages=s.max_messages, max_bytes=s.max_bytes
+            )
+            self.agentapi_probe = report
+            (log.info if report.ok else log.warning)(report.line, probe=report.code)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agentapi_once)
+            tg.start_soon(lambda: probe.watch_coderd(self.coderd_client, s.coderd_url, s.token, s.task_id, on_verdict))
 
     def _on_agent_status(self, old: str | None, new: str) -> None:
         if old == "running" and new == "stable":
@@ -350,6 +382,7 @@ async def run(settings: Settings, command: Sequence[str] | None = None) -> int:
                             inner.start_soon(daemon.tail.run)
                             inner.start_soon(daemon.persist_loop)
                             inner.start_soon(daemon.checkpoint_loop)
+                            inner.start_soon(daemon.probe_peers)
                             if listener is not None:
                                 inner.start_soon(control.serve, listener, daemon.handle)
 

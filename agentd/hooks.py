@@ -69,6 +69,9 @@ async def status(socket: Path, as_json: bool) -> tuple[int, str]:
         f"agentapi:      {source.get('state')} since {source.get('since')} ({source.get('url')})",
         f"last upload:   {last}",
     ]
+    coderd = (data.get("probe") or {}).get("coderd")
+    if coderd:  # the start-up probe's verdict (agentd.probe)
+        lines.append(f"coderd:        {coderd.get('sentence')}")
     return 0, "\n".join(lines)
 
 

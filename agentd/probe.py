@@ -253,10 +253,8 @@ def _chain(exc: BaseException) -> list[BaseException]:
     cause: BaseException | None = exc
     while cause is not None and len(out) < 8:
         out.append(cause)
-        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-            cause = cause.exceptions[0]
-        else:
-            cause = cause.__cause__ or cause.__context__
+        group = isinstance(cause, BaseExceptionGroup) and cause.exceptions
+        cause = cause.exceptions[0] if group else cause.__cause__ or cause.__context__  # type: ignore[attr-defined]
     return out
 
 

@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     ca_file: Path | None = None
+    # agentd run: probe agentapi and coderd at start-up (one request that stores nothing).
+    startup_probe: bool = True
 
     @field_validator("coderd_url", "agentapi_url")
     @classmethod

@@ -43,18 +43,29 @@ INHERITED_DROP = (
 )
 
 
+#: The harness turns agentd run's start-up probe off unless a test sets it: the probe's request
+#: would take a scripted answer meant for an upload and add to the stand-in's request counts.
+#: tests/test_probe.py and tests/test_check.py test the probe.
+HARNESS_DEFAULTS = {"AGENTD_STARTUP_PROBE": "false"}
+
+
 def clean_env(**extra: str) -> dict[str, str]:
-    """os.environ without agentd's, Coder's, systemd's or the TLS trust settings, plus ``extra``."""
+    """os.environ without agentd's, Coder's, systemd's or the TLS trust settings, plus
+    :data:`HARNESS_DEFAULTS` and ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(INHERITED_DROP)}
+    env.update(HARNESS_DEFAULTS)
     env.update(extra)
     return env
 
 
 def drop_inherited(monkeypatch: Any) -> None:
-    """Remove the :data:`INHERITED_DROP` names from this process's environment (in-process runs)."""
+    """Remove the :data:`INHERITED_DROP` names from this process's environment (in-process runs),
+    then set :data:`HARNESS_DEFAULTS`."""
     for key in list(os.environ):
         if key.startswith(INHERITED_DROP):
             monkeypatch.delenv(key)
+    for key, value in HARNESS_DEFAULTS.items():
+        monkeypatch.setenv(key, value)
 
 
 def free_port() -> int:
