@@ -60,6 +60,8 @@ FINAL_REFRESH_TIMEOUT = 1.0
 PERSIST_INTERVAL = 1.0
 #: Seconds a checkpoint upload may take, retries included.
 CHECKPOINT_TIMEOUT = 30.0
+#: Seconds the start-up probe gives agentapi to start listening before it looks why not.
+AGENTAPI_PROBE_GRACE = 10.0
 
 # Signals that arrived before the event loop could take them (see agentd.cli).
 early_signals: list[int] = []
@@ -238,7 +240,8 @@ class Daemon:
     # -- background tasks --------------------------------------------------------------------
 
     async def probe_peers(self) -> None:
-        """The start-up probe: agentapi once, coderd until it answers definitively (see
+        """The start-up probe: agentapi once (once the tail connects, or after
+        :data:`AGENTAPI_PROBE_GRACE` seconds), coderd until it answers definitively (see
         :func:`agentd.probe.watch_coderd`). Stores nothing; never raises for a peer's failure."""
         if not self.settings.startup_probe:
             return
@@ -249,6 +252,12 @@ class Daemon:
             self.notifier.status(self.status_line())
 
         async def agentapi_once() -> None:
+            # agentapi may still be starting (supervise's child, a sidecar): give the tail a
+            # grace period to connect before probing, so a normal start reports no problem.
+            for _ in range(int(AGENTAPI_PROBE_GRACE / 0.1)):
+                if self.tail.state in ("connected", "polling"):
+                    break
+                await anyio.sleep(0.1)
             report = await probe.probe_agentapi(
                 self.agentapi_client, s.agentapi_url, max_messages=s.max_messages, max_bytes=s.max_bytes
             )

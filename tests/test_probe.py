@@ -434,3 +434,27 @@ async def test_startup_probe_does_not_hold_ready_or_the_stop(anyio_backend: str,
         assert await stop(handle) == 0
         assert time.monotonic() - started < 8.0  # within the shutdown timeout, not after the probe's
     assert coderd.stored[TASK].messages[0]["content"] == "kept"
+
+
+async def test_startup_probe_waits_quietly_for_a_starting_agentapi(anyio_backend: str, run_daemon: Any) -> None:
+    """agentapi starts listening after agentd (supervise's child, a sidecar): no false alarm."""
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    api = FakeAgentAPI()
+    api.add_message("user", "late")
+    port = free_port()
+    async with coderd.serve(), run_daemon(coderd.url, f"http://127.0.0.1:{port}") as handle:
+        await anyio.sleep(1.0)  # agentapi is still starting: nothing listens yet
+        async with api.serve(port=port):
+            await wait_until(lambda: any(e.startswith("agentapi: reachable") for e in handle.events()), 30, "the agentapi line")
+            assert await stop(handle) == 0
+    assert not [e for e in handle.events() if e.startswith("agentapi: cannot reach")]
+
+
+async def test_startup_probe_names_agentapis_host_allow_list(anyio_backend: str, run_daemon: Any) -> None:
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    refusing = answering(400, "text/plain; charset=utf-8", b"Invalid host header\n")
+    async with coderd.serve(), refusing as url, run_daemon(coderd.url, url) as handle:
+        await wait_until(lambda: any("Invalid host header" in e for e in handle.events()), 60, "the Host line")
+        await stop(handle)
+    [line] = [e for e in json_lines(handle.output()) if "Invalid host header" in e.get("event", "")]
+    assert line["level"] == "warning" and "--allowed-hosts 127.0.0.1" in line["event"]
