@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import ssl
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +26,7 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from support import assert_token_absent, daemon_in_task, free_port, json_lines, wait_status, wait_until
+from support import assert_token_absent, clean_env, daemon_in_task, free_port, json_lines, wait_status, wait_until
 
 from agentd import probe
 from agentd.settings import load_settings
@@ -385,6 +386,11 @@ async def test_startup_probe_logs_ready_and_the_stop_still_stores(anyio_backend:
         status = await wait_status(short_dir / "agentd.sock", lambda s: (s["probe"] or {}).get("coderd") is not None, 30)
         assert status["probe"]["coderd"]["code"] == "ready"
         await wait_until(lambda: any(e.startswith("agentapi: reachable") for e in handle.events()), 30, "the agentapi line")
+        shown = await anyio.run_process(
+            [sys.executable, "-m", "agentd", "status", "--socket", str(short_dir / "agentd.sock")], env=clean_env(), check=False
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert f"coderd:        log-snapshot endpoint ready for task {TASK}" in shown.stdout.decode()
         assert_nothing_stored(coderd)  # the probe stores nothing
         assert await stop(handle) == 0
     assert f"coderd: log-snapshot endpoint ready for task {TASK}" in handle.events()

@@ -830,12 +830,7 @@ class FakeCoderd(Served):
                                    headers=[("retry-after", str(wait))])
                 return
             self._window.append(now)
-        if await self._rate_limited(ex, rec):
-            return
-        if ex.path == _BUILDINFO_PATH and ex.method == "GET":
-            rec.status = 200
-            await ex.respond_json(200, {"external_url": self.url, "version": self.version, "dashboard_url": self.url,
-                                        "workspace_proxy": False, "agent_api_version": "2.0"})
+        if await self._rate_limited(ex, rec) or await self._buildinfo(ex, rec):
             return
         if not self.feature or not snap:
             await self._answer(ex, rec, 404, "Route not found.")
@@ -844,6 +839,15 @@ class FakeCoderd(Served):
             await self._answer(ex, rec, 405, "Method not allowed.")
             return
         await self._log_snapshot(ex, rec, snap.group(1))
+
+    async def _buildinfo(self, ex: Exchange, rec: RecordedRequest) -> bool:
+        """``GET /api/v2/buildinfo`` (no token, as coderd): answer and return True."""
+        if ex.path != _BUILDINFO_PATH or ex.method != "GET":
+            return False
+        rec.status = 200
+        await ex.respond_json(200, {"external_url": self.url, "version": self.version, "dashboard_url": self.url,
+                                    "workspace_proxy": False, "agent_api_version": "2.0"})
+        return True
 
     async def _rate_limited(self, ex: Exchange, rec: RecordedRequest) -> bool:
         """coderd's API rate limiter (go-chi/httprate ``Limit``): answer 429 and return True
