@@ -195,3 +195,27 @@ def test_run_logs_the_ready_line_at_start_up(tmp_path: Path, backend: str) -> No
     events = [e.get("event") for e in json_lines(log.read_text())]
     assert events.count(want) == 1 and any(str(e).startswith("agentapi: reachable") for e in events)
     assert_token_absent(TOKEN, log.read_text())
+
+
+def test_resolved_settings_sources_and_the_token_never_shown(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from support import drop_inherited
+
+    from agentd.check import resolved_settings
+    from agentd.settings import load_settings
+
+    drop_inherited(monkeypatch)
+    monkeypatch.setenv("CODER_AGENT_URL", "http://coder.example:8080")
+    monkeypatch.setenv("AGENTD_TASK_ID", TASK)
+    flags = {"agent_token": TOKEN, "max_messages": "5"}
+    settings = load_settings(**flags)
+    lines = {line.name: line for line in resolved_settings(settings, flags)}
+    assert (lines["agent_token"].value, lines["agent_token"].source) == ("[REDACTED]", "flag")
+    assert (lines["max_messages"].value, lines["max_messages"].source) == ("5", "flag")
+    assert lines["coderd_url"].source == "environment" and lines["task_id"].source == "environment"
+    assert lines["startup_probe"].source == "environment"  # the harness sets it
+    assert (lines["agentapi_url"].value, lines["agentapi_url"].source) == ("http://localhost:3284", "default")
+    assert_token_absent(TOKEN, json.dumps([line.as_dict() for line in lines.values()]))
+    (tmp_path / "token").write_text(TOKEN)
+    from_file = load_settings(agent_token_file=str(tmp_path / "token"))
+    line = {x.name: x for x in resolved_settings(from_file, {"agent_token_file": str(tmp_path / "token")})}["agent_token"]
+    assert (line.value, line.source, line.origin) == ("[REDACTED]", "file", str(tmp_path / "token"))
