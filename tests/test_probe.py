@@ -147,6 +147,32 @@ async def test_rate_limited_answers_429_as_coderd_does(anyio_backend: str) -> No
     assert_nothing_stored(coderd)
 
 
+async def test_rate_limiter_admits_again_after_its_window(anyio_backend: str) -> None:
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK}, rate_limit=1, rate_window=1.0)
+    async with coderd.serve():
+        assert (await coderd_probe(coderd.url)).ready
+        limited = await coderd_probe(coderd.url)
+        assert limited.code == "rate_limited" and "in 1s." in limited.sentence
+        codes = []
+        with anyio.fail_after(30):
+            for _ in range(150):  # the sliding window lets one in again within about 2 s
+                codes.append((await coderd_probe(coderd.url)).code)
+                if codes[-1] == "ready":
+                    break
+                await anyio.sleep(0.2)
+        assert codes[-1] == "ready" and set(codes[:-1]) <= {"rate_limited"}
+    assert_nothing_stored(coderd)
+
+
+async def test_no_route_mode_unregisters_the_read_back_too(anyio_backend: str) -> None:
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK}, no_route=True)
+    async with coderd.serve(), httpx.AsyncClient() as client:
+        answer = await client.get(f"{coderd.url}/api/v2/tasks/me/{TASK}/logs")
+        info = await client.get(f"{coderd.url}/api/v2/buildinfo")
+    assert answer.status_code == 404 and answer.json()["message"] == "Route not found."
+    assert info.status_code == 200 and info.json()["version"] == coderd.version
+
+
 def test_go_duration_text() -> None:
     assert [go_duration(s) for s in (1, 30, 60, 90, 3600)] == ["1s", "30s", "1m0s", "1m30s", "1h0m0s"]
 
