@@ -162,9 +162,10 @@ class Daemon:
             return
         version = self.buffer.version
         snapshot = SavedState(self.buffer.messages(), self.acked, self.last_upload, self.buffer.offset)
-        # A hung disk must not hold the daemon: on cancellation the write is abandoned.
-        await anyio.to_thread.run_sync(self.state.save, snapshot, abandon_on_cancel=True)
-        self._saved_version = version
+        # A hung disk must not hold the daemon: on cancellation the write is abandoned. A failed
+        # write is tried again at the next persist (the state store warns once per run of failures).
+        if await anyio.to_thread.run_sync(self.state.save, snapshot, abandon_on_cancel=True):
+            self._saved_version = version
 
     # -- storing -----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ Wall times are printed as ``REVIEW-TIMING <case> <seconds>`` (see them with ``-s
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -398,18 +399,20 @@ async def test_hung_state_write_does_not_hold_the_exit(anyio_backend: str, tmp_p
         anyio_backend, tmp_path, CODER_AGENT_URL=coderd.url, AGENTD_AGENTAPI_URL=api.url,
         AGENTD_SHUTDOWN_TIMEOUT=str(shutdown_timeout),
     ) as d:
-        d.state_dir.mkdir()
-        # agentd/state.py writes `.state.json.<pid>.tmp` first: a FIFO there with no reader makes
-        # the open() block forever, like a hung disk. `exec` keeps the shell's pid for agentd.
-        d.start(argv=["sh", "-c", 'mkfifo "$1/.state.json.$$.tmp" && exec "$0" -m agentd run', sys.executable, str(d.state_dir)])
+        d.state_dir.mkdir(mode=0o700)
+        # agentd/state.py takes `.state.lock` (flock) before it writes: held here, every write
+        # waits behind it, like a hung disk (temp files are exclusive: nothing planted can block).
+        lock_fd = os.open(d.state_dir / ".state.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        d.start()
         await d.wait_ready(len(api.messages))
-        assert (d.state_dir / f".state.json.{d.pid}.tmp").exists()
         await anyio.sleep(1.3)  # the persistence loop (once a second) is now stuck in its write
         assert not (d.state_dir / "state.json").exists()
         assert (await d.status())["messages"] == len(api.messages)  # and the daemon still answers
         d.signal()
         rc, took = await d.wait_exit()
         d.assert_clean()
+        os.close(lock_fd)
     timing(f"hung-state-write[{anyio_backend}]", took)
     assert rc == 0, d.output()[-3000:]
     assert took <= shutdown_timeout + EXIT_SLACK, took
