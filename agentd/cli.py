@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     hook.add_argument("--save-state", action="store_true", help="send agentapi SIGUSR1 (state save) first")
     hook.add_argument("--timeout", type=_seconds, default=8.0, metavar="SECONDS", help="snapshot time limit (default 8)")
     hook.add_argument("--stop-timeout", type=_seconds, default=5.0, metavar="SECONDS", help="wait for agentapi to exit (default 5)")
+    hook.add_argument("--state-file", type=Path, metavar="PATH", help="agentapi's state file, waited for after SIGUSR1 (default: agentapi's own --state-file)")
+    hook.add_argument("--state-wait", type=_seconds, default=hooks.STATE_WAIT, metavar="SECONDS", help=f"wait for that file to change, beside the snapshot (default {hooks.STATE_WAIT:g})")
     _add_settings_flags(hook)
     demo = sub.add_parser("demo", help="run the whole job against built-in stand-ins on loopback")
     demo.add_argument("--log-format", default="console", help="json or console (default console)")
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             return status
         if args.command == "shutdown-hook":
             have_task = bool(args.task_id or os.environ.get("AGENTD_TASK_ID"))
-            status, line = anyio.run(
+            return anyio.run(  # one line per step, printed by the hook itself
                 lambda: hooks.shutdown_hook(
                     pid_file=args.pid_file,
                     save_state=args.save_state,
@@ -216,11 +218,11 @@ def main(argv: list[str] | None = None) -> int:
                     stop_timeout=args.stop_timeout,
                     load_settings=lambda: settings_from(args),
                     have_task=have_task,
+                    state_file=args.state_file,
+                    state_wait=args.state_wait,
                 ),
                 backend=_backend(),
             )
-            _say(line)
-            return status
         raise AssertionError(f"unhandled command {args.command}")
     except ConfigError as exc:
         print(f"agentd: {exc}", file=sys.stderr)

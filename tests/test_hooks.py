@@ -727,6 +727,32 @@ def hook_env(world: World, coderd_url: str, agentapi_url: str, **extra: str | No
     return world.env(coderd_url, agentapi_url, **extra)
 
 
+STEPS = ("agentapi", "SIGUSR1", "state", "snapshot", "SIGTERM")
+
+
+def steps(out: str, err: str) -> dict[str, list[tuple[str, str]]]:
+    """The hook's lines by step: ``{"SIGTERM": [("out", "sent to agentapi (pid 7)")], ...}``.
+    Every line of stdout and stderr must be one of a step (JSON log lines aside)."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for stream, text in (("out", out), ("err", err)):
+        for line in text.splitlines():
+            if line.startswith("{"):
+                continue
+            step, _, rest = line.partition(": ")
+            assert step in STEPS, f"not a step's line on std{stream}: {line!r}"
+            found.setdefault(step, []).append((stream, rest))
+    return found
+
+
+def step(found: dict[str, list[tuple[str, str]]], name: str, stream: str | None = None) -> str:
+    """The one line of step ``name`` (on ``stream`` when given)."""
+    lines = found.get(name, [])
+    assert len(lines) == 1, f"{name}: {lines}"
+    if stream is not None:
+        assert lines[0][0] == stream, f"{name} on std{lines[0][0]}, expected std{stream}: {lines[0][1]}"
+    return lines[0][1]
+
+
 async def test_shutdown_hook_orders_sigusr1_upload_sigterm(world):
     agentapi = AgentAPIProcess(world, messages=3)
     url = await agentapi.ready()
@@ -739,7 +765,15 @@ async def test_shutdown_hook_orders_sigusr1_upload_sigterm(world):
         )
         took = time.monotonic() - started
     assert code == 0, out + err
-    assert one_line(out).startswith("stored: 3 messages")
+    found = steps(out, err)
+    (first, last) = found["agentapi"]
+    assert first[0] == "out" and first[1].startswith(f"pid {agentapi.proc.pid} (") and "fake_agentapi" in first[1], first
+    assert last[0] == "out" and last[1].startswith("exited ") and last[1].endswith(" s after SIGTERM"), last
+    assert step(found, "SIGUSR1", "out").startswith("sent to agentapi")
+    # Its state file came from agentapi's own command line (--state-file), and changed.
+    assert step(found, "state", "out").startswith(f"saved ({agentapi.state_file} changed")
+    assert step(found, "snapshot", "out").startswith("stored: 3 messages")
+    assert step(found, "SIGTERM", "out") == f"sent to agentapi (pid {agentapi.proc.pid})"
     assert [m["content"] for m in coderd.stored[TASK].messages] == [c for _, c in conversations.generic_conversation(3)]
     assert await agentapi.proc.wait(2) == 0, "agentapi was stopped"
     signals = agentapi.signals()
@@ -763,12 +797,12 @@ async def test_shutdown_hook_still_stops_agentapi_when_coderd_is_down(world):
     )
     took = time.monotonic() - started
     assert code == 1, out + err
-    line = one_line(out)
+    line = step(steps(out, err), "snapshot", "err")
     assert line.startswith("not stored:") and "cannot reach coderd" in line, line
     assert await agentapi.proc.wait(2) == 0
     assert [name for name, _ in agentapi.signals()] == ["SIGUSR1", "SIGTERM"]
-    # SIGUSR1 pause (0.5 s) + the snapshot's bound (1 s) + agentapi's exit; nothing waits longer.
-    assert took < 0.5 + 1 + 3 + EXIT_SLACK, took
+    # The state wait (2 s at most) runs beside the snapshot's bound (1 s), then agentapi's exit.
+    assert took < 2 + 3 + EXIT_SLACK, took
     assert_no_token(out, err)
 
 
@@ -782,8 +816,12 @@ async def test_shutdown_hook_without_task_id_exits_0_and_still_stops_agentapi(wo
             env=hook_env(world, coderd.url, url, AGENTD_TASK_ID=None),
         )
     assert code == 0, out + err
-    line = one_line(out)
+    found = steps(out, err)
+    line = step(found, "snapshot", "out")
     assert "no task id" in line and "AGENTD_TASK_ID" in line, line
+    assert step(found, "SIGUSR1", "out") == "skipped (no --save-state)"
+    assert "state" not in found
+    assert found["agentapi"][-1][0] == "out" and found["agentapi"][-1][1].startswith("exited "), "agentapi's exit: a line"
     assert coderd.requests == []
     assert await agentapi.proc.wait(2) == 0
     assert [name for name, _ in agentapi.signals()] == ["SIGTERM"], "no SIGUSR1 unless asked"
@@ -823,10 +861,132 @@ async def test_shutdown_hook_with_a_bad_setting_reports_it_and_still_stops_agent
             env=hook_env(world, coderd.url, url, AGENTD_CA_FILE=str(world.tmp / "missing-ca.pem")),
         )
     assert code == 1, out + err
-    line = one_line(out)
+    line = step(steps(out, err), "snapshot", "err")
     assert line.startswith("not stored:") and "AGENTD_CA_FILE" in line, line
     assert "Traceback" not in err
     assert coderd.requests == []
     assert await agentapi.proc.wait(2) == 0, "agentapi is stopped all the same"
     assert [name for name, _ in agentapi.signals()] == ["SIGTERM"]
+    assert_no_token(out, err)
+
+
+# -- shutdown-hook never signals the wrong process (issue 14) ---------------------------------------
+
+
+def start_sleeper(argv0: str | os.PathLike[str] = "sleep") -> subprocess.Popen[bytes]:
+    """``sleep 1000``, returned once it runs (exec'd: its command line is sleep's)."""
+    proc = subprocess.Popen([str(argv0), "1000"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 20
+    while b"1000" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+        assert time.monotonic() < end, "sleep never started"
+        time.sleep(0.005)
+    return proc
+
+
+def stale_pid_file(path: Path, pid: int, age: float = 30.0) -> None:
+    """``pid`` in ``path``, the file's mtime ``age`` seconds ago: a pid file left from an earlier
+    agentapi whose pid the kernel has handed to another process since."""
+    path.write_text(f"{pid}\n")
+    then = time.time() - age
+    os.utime(path, (then, then))
+
+
+@pytest.mark.parametrize("named", ["sleep", "agentapi-named-sleep"])
+async def test_shutdown_hook_leaves_a_recycled_pid_alone(world, named):
+    """A stale pid file whose pid now belongs to a `sleep` started after the file was written:
+    nothing is signalled (sleep dies of SIGUSR1 and SIGTERM, so alive means unsignalled), one line
+    says why, and the snapshot is stored all the same. Named `agentapi` (a symlink to sleep),
+    only the start time gives it away."""
+    argv0: str | Path = "sleep"
+    if named != "sleep":
+        argv0 = world.tmp / "agentapi"
+        argv0.symlink_to(shutil.which("sleep") or "/bin/sleep")
+    pid_file = world.tmp / "agentapi.pid"
+    stale_pid_file(pid_file, 999_999)  # written first
+    sleeper = start_sleeper(argv0)  # started after the pid file was written
+    try:
+        stale_pid_file(pid_file, sleeper.pid)  # its pid, as a reused pid would be; the mtime kept old
+        async with servers(2) as (api, coderd):
+            code, out, err = await agentd(
+                "shutdown-hook", "--pid-file", str(pid_file), "--save-state", "--timeout", "5", "--stop-timeout", "2",
+                env=hook_env(world, coderd.url, api.url),
+            )
+        assert code == 0, out + err
+        found = steps(out, err)
+        refusal = step(found, "agentapi", "err")
+        assert refusal.startswith(f"pid {sleeper.pid} ") and refusal.endswith("signalling nothing"), refusal
+        if named == "sleep":
+            assert "is not agentapi" in refusal and "sleep 1000" in refusal, refusal
+        else:
+            assert "started" in refusal and "after the pid file was written" in refusal, refusal
+        assert step(found, "SIGUSR1", "out") == "skipped (no agentapi to signal)"
+        assert step(found, "SIGTERM", "out") == "skipped (no agentapi to signal)"
+        assert step(found, "snapshot", "out").startswith("stored: 2 messages")
+        await anyio.sleep(0.2)
+        assert sleeper.poll() is None, f"the process behind the stale pid was signalled ({sleeper.returncode})"
+        state = (await anyio.Path(f"/proc/{sleeper.pid}/status").read_text()).split("State:")[1].split()[0]
+        assert state in ("S", "R"), f"not stopped either: {state}"
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+    assert_no_token(out, err)
+
+
+async def test_shutdown_hook_with_agentapi_already_gone_says_so_and_stores(world):
+    gone = await anyio.run_process(["sh", "-c", "echo $$"])
+    gone_pid = int(gone.stdout)
+    pid_file = world.tmp / "agentapi.pid"
+    stale_pid_file(pid_file, gone_pid, age=1)
+    async with servers(2) as (api, coderd):
+        code, out, err = await agentd(
+            "shutdown-hook", "--pid-file", str(pid_file), "--save-state", "--timeout", "5",
+            env=hook_env(world, coderd.url, api.url),
+        )
+    assert code == 0, out + err
+    found = steps(out, err)
+    assert "not running" in step(found, "agentapi", "out")
+    assert step(found, "snapshot", "out").startswith("stored: 2 messages")
+    assert step(found, "SIGTERM", "out") == "skipped (no agentapi to signal)"
+
+
+@pytest.mark.parametrize("content", ["", "abc", "12 34", "-5", "1", "9" * 100])
+async def test_shutdown_hook_with_a_bad_pid_file_signals_nothing(world, content):
+    pid_file = world.tmp / "agentapi.pid"
+    pid_file.write_text(content)
+    code, out, err = await agentd(
+        "shutdown-hook", "--pid-file", str(pid_file), "--timeout", "2",
+        env=hook_env(world, f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}", AGENTD_TASK_ID=None),
+    )
+    assert code == 0, out + err
+    found = steps(out, err)
+    line = step(found, "agentapi", "err")
+    assert str(pid_file) in line, line
+    assert step(found, "SIGTERM", "out") == "skipped (no agentapi to signal)"
+
+
+async def test_shutdown_hook_state_wait_runs_out_beside_the_snapshot(world):
+    """The state file given never changes: the hook waits its bound for it, says so on stderr,
+    and the snapshot was stored meanwhile (before the bound ran out), not after it."""
+    agentapi = AgentAPIProcess(world, messages=3)
+    url = await agentapi.ready()
+    still = world.tmp / "not-agentapis-state.json"
+    still.write_text("{}")
+    wait = 6.0  # a long bound shows the snapshot does not queue behind it
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    async with coderd.serve():
+        code, out, err = await agentd(
+            "shutdown-hook", "--pid-file", str(agentapi.pid_file), "--save-state", "--state-file", str(still),
+            "--state-wait", str(wait), "--timeout", "5", "--stop-timeout", "3",
+            env=hook_env(world, coderd.url, url),
+        )
+    assert code == 0, out + err
+    found = steps(out, err)
+    assert step(found, "state", "err").startswith(f"{still} unchanged {wait:g} s after SIGUSR1"), found["state"]
+    assert step(found, "snapshot", "out").startswith("stored: 3 messages")
+    signals = dict(agentapi.signals())
+    (post,) = snapshot_posts(coderd)
+    assert signals["SIGUSR1"] < post.time < signals["SIGUSR1"] + wait, "stored while the wait ran"
+    assert signals["SIGTERM"] - signals["SIGUSR1"] >= wait * 0.9, "SIGTERM only after the bounded wait"
+    assert await agentapi.proc.wait(5) == 0
     assert_no_token(out, err)
