@@ -4,6 +4,16 @@ The orchestrator (:mod:`agentd.daemon`) decides *when*; this module knows *how*:
 
 * the child (typically ``agentapi server -- claude``) inherits stdin, stdout and stderr, so its
   output passes straight through;
+* the child runs in a session (and so a process group) of its own: a terminal's Ctrl-C (SIGINT
+  to the foreground process group, e.g. ``docker run -it``), a shell's ``kill -- -PGID`` or a
+  hang-up reach agentd only, which stores the snapshot first and then forwards the signal. In
+  its own session the child has no controlling terminal, and that is what lets it keep using
+  the inherited one: reading or writing a terminal that is not your controlling terminal is
+  never stopped by job control (SIGTTIN/SIGTTOU), whereas a child in a background process
+  group of agentd's session would be stopped the moment it read its stdin. What it gives up:
+  opening ``/dev/tty``, and terminal-generated signals (SIGINT, SIGQUIT, SIGTSTP, SIGWINCH),
+  which come from agentd or not at all. agentapi needs neither: it runs the agent in a
+  terminal of its own;
 * :meth:`Child.stop` forwards a signal, waits up to a bound (seconds) and SIGKILLs if it must;
 * :func:`exit_status` mirrors the child's status the way shells do (128 + signal number for a
   signalled child);
@@ -44,8 +54,9 @@ class Child:
 
     @classmethod
     async def start(cls, command: Sequence[str]) -> Child:
-        """Start ``command`` with inherited stdio. Raises OSError if it cannot be executed."""
-        process = await anyio.open_process(list(command), stdin=None, stdout=None, stderr=None)
+        """Start ``command`` with inherited stdio, in a session of its own (see the module's
+        docstring). Raises OSError if it cannot be executed."""
+        process = await anyio.open_process(list(command), stdin=None, stdout=None, stderr=None, start_new_session=True)
         log.info("child started", pid=process.pid, command=command[0])
         return cls(process, command)
 

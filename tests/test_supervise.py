@@ -188,7 +188,17 @@ class Proc:
         assert_token_absent(TOKEN, self.out() + self.err())
 
     async def close(self) -> None:
-        """Kill what is left of the process group (agentd, its child, any grandchild)."""
+        """Kill what is left of the process group (agentd, any grandchild) and agentd's child,
+        which runs in a session (so a process group) of its own."""
+        try:
+            kids = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        except OSError:
+            kids = []
+        for kid in kids:
+            try:
+                os.killpg(int(kid), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
