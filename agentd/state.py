@@ -11,7 +11,9 @@ The state directory is agentd's alone (issue 9):
 * it is created 0700 (each missing parent too) whatever the umask; a state directory, or a
   parent of it, that another user can write (world-writable without the sticky bit, or group-
   or world-writable and owned by neither us nor root) is refused with
-  :class:`UnsafeStateDir`, a :class:`ConfigError` (exit 78);
+  :class:`UnsafeStateDir`, a :class:`ConfigError` (exit 78). One exception: a Kubernetes
+  ``emptyDir`` with the pod's ``fsGroup`` (root's, mode 2777, group ours), which a non-root pod
+  cannot make private and only the pod's own containers can reach;
 * every write goes to a new temp file ``.state.json.<pid>.<random>.tmp`` created with
   ``O_CREAT|O_EXCL|O_NOFOLLOW`` (mode 0600), relative to one open descriptor of the directory,
   then fsync, rename over ``state.json``, fsync of the directory; a planted file or symlink of
@@ -107,11 +109,18 @@ def check_private(state_dir: Path) -> None:
 
 def _unsafe(st: os.stat_result, me: int) -> str:
     mode = stat.S_IMODE(st.st_mode)
-    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX and not _pod_volume(st, mode):
         return f"is writable by every user (mode {mode:04o}, no sticky bit)"
     if mode & (stat.S_IWGRP | stat.S_IWOTH) and st.st_uid not in (me, 0):
         return f"is writable by others and owned by uid {st.st_uid} (mode {mode:04o})"
     return ""
+
+
+def _pod_volume(st: os.stat_result, mode: int) -> bool:
+    """A Kubernetes ``emptyDir`` with the pod's ``fsGroup``: root's, setgid, group one of ours
+    (kubelet makes it 2777; a non-root pod cannot change that). Only the containers of the pod
+    that mount it can reach it, so it is accepted: mount it into agentd's container alone."""
+    return st.st_uid == 0 and bool(mode & stat.S_ISGID) and (st.st_gid == os.getegid() or st.st_gid in os.getgroups())
 
 
 def make_private_dir(state_dir: Path) -> None:

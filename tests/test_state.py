@@ -124,6 +124,26 @@ def test_a_world_writable_parent_with_the_sticky_bit_is_fine(tmp_path):
     assert store.save(saved())
 
 
+@pytest.mark.parametrize(("owner", "mode", "accepted"), [
+    ("root", 0o2777, True),  # kubelet's emptyDir with fsGroup: root's, setgid, our group
+    ("root", 0o0777, False),  # no fsGroup: not ours in any way
+    ("other", 0o2777, False),
+])
+def test_a_kubernetes_emptydir_with_fsgroup_is_accepted(tmp_path, owner, mode, accepted):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a directory of root's with our group")
+    volume = tmp_path / "emptydir"
+    volume.mkdir()
+    os.chown(volume, 0 if owner == "root" else 4242, os.getegid())
+    volume.chmod(mode)
+    store = StateStore(volume, TASK)
+    if accepted:
+        assert store.load() == SavedState() and store.save(saved())
+    else:
+        with pytest.raises(UnsafeStateDir):
+            store.load()
+
+
 def test_a_group_writable_dir_of_another_user_is_refused(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root to give a directory to another uid")
