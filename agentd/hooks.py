@@ -93,7 +93,7 @@ async def shutdown_hook(
     pid_file: Path | None,
     save_state: bool,
     socket: Path,
-    timeout: float,  # noqa: ASYNC109  # the CLI's --timeout: the snapshot's own bound, passed on
+    timeout: float,
     stop_timeout: float,
     load_settings: Callable[[], Settings],
     have_task: bool,

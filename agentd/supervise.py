@@ -23,6 +23,7 @@ The orchestrator (:mod:`agentd.daemon`) decides *when*; this module knows *how*:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Sequence
@@ -70,10 +71,8 @@ class Child:
         """Send ``signum`` unless the child has already exited."""
         if self.exited.is_set():
             return
-        try:
-            self.process.send_signal(signum)
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.Signals(signum))
 
     async def stop(self, signum: int, timeout: float) -> int:
         """Send ``signum``, wait up to ``timeout`` seconds, then SIGKILL. Returns the exit status."""
