@@ -595,6 +595,7 @@ async def test_bad_roles_are_kept_out_and_read_back_works(in_process, short_dir:
         assert [m["id"] for m in snap.messages] == [0, 2, 4]
         assert {m["role"] for m in snap.messages} <= ROLES
         assert_same(snap.messages, [m for m in api.messages if m.role in ROLES])
+        coderd.complete_stop_build()  # the workspace has stopped: read-back serves the snapshot
         async with httpx.AsyncClient() as client:
             response = await client.get(f"{coderd.url}/api/v2/tasks/me/{TASK}/logs", timeout=5)
         assert response.status_code == 200, response.text

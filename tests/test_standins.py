@@ -236,7 +236,8 @@ async def test_coderd_rules_apply_in_contract_order() -> None:
                 assert r.content == b""
                 return {}
             data = r.json()
-            assert set(data) == {"message", "detail", "validations"}
+            assert set(data) <= {"message", "detail", "validations"}
+            assert all(data.values()), f"coderd leaves out an empty detail or validations: {data}"
             assert data["message"] == expected_message
             return data
 
@@ -253,7 +254,12 @@ async def test_coderd_rules_apply_in_contract_order() -> None:
         await check(400, "Invalid query parameters.", task=OTHER_TASK, query="format=")
         d = await check(400, "Invalid format parameter.", task=OTHER_TASK, query="format=xml")
         assert d["detail"] == 'Only "agentapi" format is currently supported, got "xml".'
-        await check(404, "Resource not found.", task=OTHER_TASK)
+        c.fail_store = True  # the database fails on the task lookup, before the body is read
+        d = await check(500, "Internal error fetching task.", task=OTHER_TASK)
+        assert d["detail"]
+        c.fail_store = False
+        d = await check(404, "Resource not found.", task=OTHER_TASK)
+        assert d == {"message": "Resource not found."}
         d = await check(400, "Failed to decode request payload.", body=padded_body(65_537, "null"))
         assert d["detail"] == "http: request body too large"
         d = await check(400, "Failed to decode request payload.", body=b'{"messages":null,"x":}')
@@ -261,11 +267,10 @@ async def test_coderd_rules_apply_in_contract_order() -> None:
         d = await check(400, "Invalid agentapi payload structure.", body=b'{"messages":null}')
         assert d["detail"] == 'Missing required "messages" field.'
         await check(400, "Invalid agentapi payload structure.", body=b'{"truncated":false}')
-        c.fail_store = True
-        await check(500, "Internal error storing snapshot.", body=payload([msg(0)]))
-        c.fail_store = False
+        d = await check(500, "Internal error storing snapshot.", body=payload([msg(0, "nul \u0000 byte")]))
+        assert "22P05" in d["detail"]  # jsonb rejects U+0000
         await check(204, None, body=payload([]))  # an empty list is accepted
-        assert [r.status for r in c.requests] == [401, 401, 400, 400, 400, 400, 400, 404, 400, 400, 400, 400, 500, 204]
+        assert [r.status for r in c.requests] == [401, 401, 400, 400, 400, 400, 400, 500, 404, 400, 400, 400, 400, 500, 204]
         assert [r.auth for r in c.requests[:3]] == ["missing", "invalid", "ok"]
 
 
@@ -339,8 +344,12 @@ async def test_coderd_decodes_like_go(body: bytes, status: int, message: str | N
 async def test_coderd_upserts_with_its_own_clock_and_reads_back() -> None:
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
     async with coderd.serve() as c, httpx.AsyncClient(timeout=30) as client:
+        active = await client.get(f"{c.url}/api/v2/tasks/me/{TASK}/logs")
+        assert active.status_code == 409, "an active task's log is read live from agentapi, not the snapshot"
+        c.set_task_status(TASK, "pending")
         empty = await client.get(f"{c.url}/api/v2/tasks/me/{TASK}/logs")
-        assert empty.json() == {"count": 0, "logs": [], "snapshot": True}
+        assert empty.json() == {"logs": [], "snapshot": True}
+        c.set_task_status(TASK, "active")
         before = time.time()
         r1 = await post(client, c, payload([msg(0, "first", "user", "2020-01-01T00:00:00Z")]))
         first = c.stored[TASK]
@@ -352,10 +361,14 @@ async def test_coderd_upserts_with_its_own_clock_and_reads_back() -> None:
         assert before <= first.snapshot_at <= second.snapshot_at <= time.time()
         assert c.upserts[TASK] == 2
         assert second.messages[0]["time"] == T0  # re-marshalled as Go would
+        assert second.log_snapshot == {"format": "agentapi", "data": {"messages": second.messages}}
+        assert (await client.get(f"{c.url}/api/v2/tasks/me/{TASK}/logs")).status_code == 409
+        c.complete_stop_build()  # the workspace stopped: the task is paused
         back = await client.get(f"{c.url}/api/v2/tasks/me/{TASK}/logs")
         assert back.status_code == 200
         data = back.json()
-        assert data["count"] == 2 and data["snapshot"] is True and data["snapshot_at"].endswith("Z")
+        assert "count" not in data
+        assert data["snapshot"] is True and data["snapshot_at"].endswith("Z")
         assert data["logs"] == [
             {"id": 0, "content": "second", "type": "input", "time": T0},
             {"id": 1, "content": "⏺ done ✅", "type": "output", "time": T0},
@@ -368,6 +381,7 @@ async def test_coderd_bad_role_is_stored_but_poisons_read_back() -> None:
     async with coderd.serve() as c, httpx.AsyncClient(timeout=30) as client:
         r = await post(client, c, payload([msg(0, "ok", "user"), msg(1, "x", "system")]))
         assert r.status_code == 204  # the upload path does not check roles
+        c.set_task_status(TASK, "paused")
         back = await client.get(f"{c.url}/api/v2/tasks/me/{TASK}/logs")
         assert back.status_code == 500
         assert back.json()["message"] == "Invalid snapshot data."
@@ -375,6 +389,39 @@ async def test_coderd_bad_role_is_stored_but_poisons_read_back() -> None:
         # A missing role is the empty string after Go decoding: also poison.
         await post(client, c, payload([{"id": 0, "content": "x", "time": T0}]))
         assert (await client.get(f"{c.url}/api/v2/tasks/me/{TASK}/logs")).status_code == 500
+
+
+async def test_coderd_token_stops_working_after_the_stop_build_and_a_delete() -> None:
+    """coder/coder PR 21538: the agent token works while the stop build runs, 401 once it has
+    completed; deleting the task deletes its workspace, and the token with it."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+        async with coderd.serve() as c:
+            assert (await post(client, c, payload([msg(0, "during the stop build")]))).status_code == 204
+            c.complete_stop_build()
+            late = await post(client, c, payload([msg(0, "after the stop build")]))
+            assert late.status_code == 401
+            assert late.json()["message"] == "Workspace agent not authorized."
+            assert c.requests[-1].auth == "expired"
+            assert c.stored[TASK].messages[0]["content"] == "during the stop build"
+            assert c.task_status[TASK] == "paused"
+        coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+        async with coderd.serve() as c:
+            c.delete_task(TASK)
+            gone = await post(client, c, payload([msg(0)]))
+            assert gone.status_code == 401 and c.requests[-1].auth == "expired"
+            assert TASK not in c.tasks and c.stored == {}
+
+
+async def test_coderd_store_failure_answers_500_before_reading_the_body() -> None:
+    """A database failure on the task lookup answers 500 whatever the body: nothing is decoded."""
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK}, fail_store=True)
+    async with coderd.serve() as c, httpx.AsyncClient(timeout=5) as client:
+        for body in (payload([msg(0)]), b"not json", padded_body(SNAPSHOT_MAX_BYTES + 10)):
+            r = await post(client, c, body)
+            assert r.status_code == 500
+            assert r.json()["message"] == "Internal error fetching task."
+        assert c.stored == {}
 
 
 async def test_coderd_script_retry_after_close_and_hang() -> None:

@@ -8,23 +8,30 @@ Route::
 The checks run in the order coderd runs them (CONTRACT.md §1, coderd's
 ``postWorkspaceAgentTaskLogSnapshot``); the first failure answers:
 
-1. agent token (``Coder-Session-Token`` header) missing or wrong -> 401
+1. agent token (``Coder-Session-Token`` header) missing, wrong, or no longer valid -> 401. The
+   token stops working once the workspace's stop build has completed (coder/coder PR 21538:
+   :meth:`FakeCoderd.complete_stop_build`) and when the task, and its workspace with it, is
+   deleted (:meth:`FakeCoderd.delete_task`)
 2. ``{task}`` is not a UUID (Go ``uuid.Parse``) -> 400 "Invalid task ID format."
 3. query lacks a non-empty ``format`` or has any other parameter -> 400
    "Invalid query parameters." (``validations`` name the fields)
 4. ``format != "agentapi"`` -> 400 "Invalid format parameter."
-5. task unknown / deleted / of another workspace (not in ``tasks``) -> 404 "Resource not found."
+5. the task lookup: the database fails (``fail_store=True``) -> 500 "Internal error fetching
+   task.", before the body is read; task unknown / deleted / of another workspace (not in
+   ``tasks``) -> 404 "Resource not found."
 6. the body is read through Go's ``http.MaxBytesReader`` capped at 65 536 bytes and decoded by
    ``json.NewDecoder(...).Decode`` -> 400 "Failed to decode request payload." with detail
    "http: request body too large" when the JSON value does not end within the first 65 536
    bytes of a longer body; with another detail for any other decoding failure
 7. ``messages`` missing or null (``[]`` is fine) -> 400 "Invalid agentapi payload structure."
-8. (``fail_store=True``) -> 500 "Internal error storing snapshot."
+8. the upsert: the payload is re-encoded as ``{"format": "agentapi", "data": {"messages":
+   [...]}}`` into a PostgreSQL ``jsonb`` column, which rejects U+0000: a message holding it
+   -> 500 "Internal error storing snapshot."
 9. success: the snapshot is upserted for the task, stamped with this server's clock -> 204, no
    body.
 
 Error bodies are ``{"message": str, "detail": str, "validations": [{"field", "detail"}]}``
-(always all three keys here; real coderd omits empty ``detail``/``validations``).
+with an empty ``detail`` or ``validations`` left out, as coderd's ``httpapi.Write`` does.
 
 Decoding is as strict as Go's ``encoding/json`` into agentapi's ``GetMessagesResponse``, and a
 little stricter where noted:
@@ -38,15 +45,18 @@ little stricter where noted:
 * ``content``/``role``: strings (or null); roles are NOT checked here -- like coderd;
 * ``time``: a JSON string holding strict RFC 3339 (Go ``time.Time.UnmarshalJSON``), or null.
 
-Read-back: ``GET /api/v2/tasks/{user}/{task}/logs`` -> 200 ``{"count", "logs": [{"id",
-"content", "type": "input"|"output", "time"}], "snapshot": true, "snapshot_at"}``, or **500**
+Read-back: ``GET /api/v2/tasks/{user}/{task}/logs`` serves the stored snapshot only while the
+task is ``paused``, ``pending`` or ``initializing`` (``task_status``; a task starts ``active``
+and is paused when the stop build completes): 200 ``{"logs": [{"id", "content", "type":
+"input"|"output", "time"}], "snapshot": true, "snapshot_at"}`` (no ``count``), or **500**
 "Invalid snapshot data." when any stored role is not ``user``/``agent`` -- a bad role stored by
-a client poisons the read-back (CONTRACT.md §1). No token is checked on this route.
+a client poisons the read-back (CONTRACT.md §1). While the task is active coderd reads the log
+live from agentapi, which this stand-in does not: **409**. No token is checked on this route.
 
 Fault injection: ``script`` (planned answers, one consumed per request before normal
 handling), ``hang`` (read the request, never answer), ``max_rps`` (over R requests within one
 second -> 503 with ``Retry-After``), ``feature=False`` (every route 404: a Coder without the
-feature), ``fail_store``.
+feature), ``fail_store`` (the database fails: 500 on the task lookup).
 
 Coder's own refusals: ``no_route=True`` (every Tasks route unregistered, as coderd v2.36/v2.37
 without ``CODER_ENABLE_AI_TASKS=true`` and later releases: the agent token is still checked,
@@ -86,7 +96,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -94,10 +104,10 @@ import anyio
 from .http import BodyTooLarge, Exchange, Served, Server, serve
 
 __all__ = [
+    "SNAPSHOT_MAX_BYTES",
     "FakeCoderd",
     "GoDecodeError",
     "RecordedRequest",
-    "SNAPSHOT_MAX_BYTES",
     "Snapshot",
     "decode_agentapi_payload",
     "go_parse_uuid",
@@ -491,7 +501,7 @@ def _parse_int(s: str) -> int | _BigInt:
 
 
 def _parse_string(s: str, end: int, strict: bool = True) -> tuple[_RawStr, int]:
-    value, new_end = json.decoder.scanstring(s, end, strict)
+    value, new_end = json.decoder.scanstring(s, end, strict)  # type: ignore[attr-defined]
     out = _RawStr(value)
     out.raw = s[end : new_end - 1]
     return out, new_end
@@ -510,8 +520,8 @@ class _GoishDecoder(json.JSONDecoder):
             parse_constant=_reject_constant,
             strict=True,
         )
-        self.parse_string = _parse_string  # type: ignore[assignment]
-        self.scan_once = json.scanner.py_make_scanner(self)
+        self.parse_string = _parse_string
+        self.scan_once = json.scanner.py_make_scanner(self)  # type: ignore[attr-defined]
 
 
 def _fold(key: str) -> str:
@@ -638,18 +648,25 @@ def decode_agentapi_payload(data: bytes, at_eof: bool = True) -> list[dict[str, 
 
 @dataclass
 class Snapshot:
-    """One stored snapshot: ``messages`` (list of ``{"id","content","role","time"}`` dicts as
-    coderd re-marshals them), ``body`` (the raw request body bytes read), ``snapshot_at``
-    (float, this server's ``time.time()`` when stored, seconds)."""
+    """One stored snapshot: ``log_snapshot`` (what coderd's ``task_snapshots.log_snapshot``
+    jsonb column holds: ``{"format": "agentapi", "data": {"messages": [...]}}``), ``body`` (the
+    raw request body bytes read), ``snapshot_at`` (float, this server's ``time.time()`` when
+    stored, seconds)."""
 
-    messages: list[dict[str, Any]]
+    log_snapshot: dict[str, Any]
     body: bytes
     snapshot_at: float
 
     @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The stored messages (``{"id","content","role","time"}`` dicts as coderd re-marshals them)."""
+        messages: list[dict[str, Any]] = self.log_snapshot["data"]["messages"]
+        return messages
+
+    @property
     def snapshot_at_rfc3339(self) -> str:
         """``snapshot_at`` as RFC 3339 UTC with microseconds."""
-        return datetime.fromtimestamp(self.snapshot_at, timezone.utc).isoformat().replace("+00:00", "Z")
+        return datetime.fromtimestamp(self.snapshot_at, UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -697,8 +714,11 @@ class FakeCoderd(Served):
     request, never answer) | ``"close"`` (read it, close without answer) | ``"reset"`` (read
     it, TCP RST) | ``None`` (handle normally)), ``hang`` (every request hangs),
     ``max_rps`` (admit at most R requests per sliding second, then 503 + Retry-After),
-    ``fail_store`` (the upsert fails: 500), ``on_store(task, snapshot)`` and
-    ``on_request(recorded)`` callbacks.
+    ``fail_store`` (the database fails: 500 "Internal error fetching task." before the body is
+    read), ``token_valid`` (False: the agent token no longer works, 401), ``task_status``
+    (``dict[task_id, status]``, "active" unless set; read-back serves the snapshot only while
+    paused, pending or initializing), ``on_store(task, snapshot)`` and ``on_request(recorded)``
+    callbacks.
 
     Read-back for assertions: ``stored`` (``dict[task_id, Snapshot]``, task ids canonical
     lower-case), ``requests`` (list of :class:`RecordedRequest`, in arrival order),
@@ -716,6 +736,8 @@ class FakeCoderd(Served):
     rate_limit: int | None = None
     rate_window: float = 60.0
     version: str = "v2.30.0+fake"
+    token_valid: bool = True
+    task_status: dict[str, str] = field(default_factory=dict)
     on_store: Callable[[str, Snapshot], None] | None = None
     on_request: Callable[[RecordedRequest], None] | None = None
     stored: dict[str, Snapshot] = field(default_factory=dict)
@@ -738,8 +760,24 @@ class FakeCoderd(Served):
         return canon
 
     def delete_task(self, task: str) -> None:
-        """Forget a task (as if deleted): further uploads answer 404."""
-        self.tasks.discard(go_parse_uuid(str(task)))
+        """Delete a task and, with it, its workspace: the task is gone (404 "Resource not
+        found." to any other agent) and this workspace's agent token no longer works (401)."""
+        canon = go_parse_uuid(str(task))
+        self.tasks.discard(canon)
+        self.task_status.pop(canon, None)
+        self.token_valid = False
+
+    def complete_stop_build(self) -> None:
+        """The workspace's stop build has completed: the agent token no longer works (401 from
+        now on, coder/coder PR 21538) and every task of the workspace is paused (its snapshot
+        is what read-back serves)."""
+        self.token_valid = False
+        for task in self.tasks:
+            self.task_status[task] = "paused"
+
+    def set_task_status(self, task: str, status: str) -> None:
+        """Set a task's status (``active``, ``paused``, ``pending``, ``initializing``, ``error``...)."""
+        self.task_status[go_parse_uuid(str(task))] = status
 
     def snapshot_url(self, task: str, query: str = "format=agentapi") -> str:
         """Full URL of the log-snapshot route for ``task``."""
@@ -749,7 +787,7 @@ class FakeCoderd(Served):
         """Recorded requests that were answered (with ``status``, if given)."""
         return [r for r in self.requests if r.status is not None and (status is None or r.status == status)]
 
-    async def wait_stored(self, task: str, timeout: float = 30.0) -> Snapshot:
+    async def wait_stored(self, task: str, timeout: float = 30.0) -> Snapshot:  # noqa: ASYNC109
         """Wait until a snapshot for ``task`` is stored; return it."""
         canon = go_parse_uuid(str(task))
         await self.wait_for(lambda: canon in self.stored, timeout)
@@ -792,7 +830,11 @@ class FakeCoderd(Served):
             await ex.respond(status, headers or [])
             return
         rec.message = message
-        body = {"message": message, "detail": detail, "validations": validations or []}
+        body: dict[str, Any] = {"message": message}
+        if detail:
+            body["detail"] = detail
+        if validations:
+            body["validations"] = validations
         await ex.respond_json(status, body, headers)
 
     async def _read_all(self, ex: Exchange, rec: RecordedRequest) -> None:
@@ -910,8 +952,8 @@ class FakeCoderd(Served):
             await self._read_all(ex, rec)
             await self._answer(ex, rec, 401, SIGNED_OUT_MESSAGE, 'Cookie "coder_session_token" must be provided.')
             return
-        if token != self.token:
-            rec.auth = "invalid"
+        if token != self.token or not self.token_valid:
+            rec.auth = "invalid" if token != self.token else "expired"
             await self._read_all(ex, rec)
             await self._answer(
                 ex, rec, 401, "Workspace agent not authorized.",
@@ -950,7 +992,13 @@ class FakeCoderd(Served):
             await self._answer(ex, rec, 400, "Invalid format parameter.",
                                f'Only "agentapi" format is currently supported, got {json.dumps(fmt)}.')
             return
-        # 5. task exists, not deleted, in this agent's workspace
+        # 5. task lookup (a database failure answers before the body is read); the task exists,
+        #    is not deleted, and is in this agent's workspace
+        if self.fail_store:
+            await self._read_all(ex, rec)
+            await self._answer(ex, rec, 500, "Internal error fetching task.",
+                               "FakeCoderd(fail_store=True): the database is unavailable")
+            return
         if task not in self.tasks:
             await self._read_all(ex, rec)
             await self._answer(ex, rec, 404, "Resource not found.")
@@ -974,12 +1022,14 @@ class FakeCoderd(Served):
             await self._answer(ex, rec, 400, "Invalid agentapi payload structure.",
                                'Missing required "messages" field.', headers=close)
             return
-        # 8. upsert
-        if self.fail_store:
-            await self._answer(ex, rec, 500, "Internal error storing snapshot.", "FakeCoderd(fail_store=True)",
-                               headers=close)
+        # 8. upsert, re-encoded into a jsonb column: PostgreSQL's jsonb rejects U+0000
+        if any("\x00" in m["content"] or "\x00" in m["role"] for m in messages):
+            await self._answer(ex, rec, 500, "Internal error storing snapshot.",
+                               "ERROR: unsupported Unicode escape sequence (SQLSTATE 22P05): "
+                               "\\u0000 cannot be converted to text.", headers=close)
             return
-        snapshot = Snapshot(messages=messages, body=body, snapshot_at=time.time())
+        log_snapshot = {"format": "agentapi", "data": {"messages": messages}}
+        snapshot = Snapshot(log_snapshot=log_snapshot, body=body, snapshot_at=time.time())
         self.stored[task] = snapshot
         self.upserts[task] = self.upserts.get(task, 0) + 1
         if self.on_store is not None:
@@ -996,10 +1046,15 @@ class FakeCoderd(Served):
         if task is None or task not in self.tasks:
             await self._answer(ex, rec, 404, "Resource not found.")
             return
+        status = self.task_status.get(task, "active")
+        if status not in ("paused", "pending", "initializing"):
+            await self._answer(ex, rec, 409, f"Task is {status}: its log is read live from agentapi.",
+                               "FakeCoderd serves the log snapshot only while the task is paused, pending or initializing.")
+            return
         snap = self.stored.get(task)
         if snap is None:
             rec.status = 200
-            await ex.respond_json(200, {"count": 0, "logs": [], "snapshot": True})
+            await ex.respond_json(200, {"logs": [], "snapshot": True})
             return
         logs = []
         for m in snap.messages:
@@ -1013,9 +1068,7 @@ class FakeCoderd(Served):
                 return
             logs.append({"id": m["id"], "content": m["content"], "type": kind, "time": m["time"]})
         rec.status = 200
-        await ex.respond_json(
-            200, {"count": len(logs), "logs": logs, "snapshot": True, "snapshot_at": snap.snapshot_at_rfc3339}
-        )
+        await ex.respond_json(200, {"logs": logs, "snapshot": True, "snapshot_at": snap.snapshot_at_rfc3339})
 
 
 def go_duration(seconds: float) -> str:
@@ -1064,6 +1117,7 @@ def _store_file_json(coderd: FakeCoderd) -> str:
         {
             task: {
                 "messages": snap.messages,
+                "log_snapshot": snap.log_snapshot,
                 "snapshot_at": snap.snapshot_at,
                 "snapshot_at_rfc3339": snap.snapshot_at_rfc3339,
                 "body_bytes": len(snap.body),
@@ -1087,7 +1141,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hang", action="store_true", help="read every request, never answer")
     p.add_argument("--max-rps", type=float, help="answer 503 + Retry-After beyond R requests per second")
     p.add_argument("--no-feature", action="store_true", help="every route 404 (Coder without the feature)")
-    p.add_argument("--fail-store", action="store_true", help="the upsert fails: 500")
+    p.add_argument("--fail-store", action="store_true", help="the database fails: 500 on the task lookup")
     p.add_argument("--no-route", action="store_true",
                    help='Tasks routes unregistered: token checked, then 404 "Route not found." (no CODER_ENABLE_AI_TASKS)')
     p.add_argument("--rate-limit", type=int, help="coderd's API rate limiter: over N requests per window -> 429")
@@ -1101,8 +1155,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _amain(args: argparse.Namespace) -> int:
-    with open(args.token_file, encoding="utf-8") as f:
-        token = f.read().strip()
+    token = await anyio.Path(args.token_file).read_text(encoding="utf-8")
+    token = token.strip()
     coderd = FakeCoderd(
         token=token, tasks=set(args.task), feature=not args.no_feature, script=parse_script(args.script),
         hang=args.hang, max_rps=args.max_rps, fail_store=args.fail_store,
