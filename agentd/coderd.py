@@ -190,9 +190,11 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     """
     if not value:
         return None
-    value = value.strip()[:64]
+    value = value.strip()
     if _DELTA_SECONDS.fullmatch(value):
         return min(RETRY_AFTER_MAX, float(int(value[:12])))  # 12 digits are already far past the cap
+    if len(value) > 64:  # an HTTP date is 29 characters
+        return None
     try:
         when = email.utils.parsedate_to_datetime(value)
         seconds = when.timestamp() - (time.time() if now is None else now)

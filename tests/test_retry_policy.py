@@ -12,7 +12,7 @@ import uuid
 import httpx
 import pytest
 
-from agentd.coderd import CoderdUploader
+from agentd.coderd import CoderdUploader, parse_retry_after
 
 
 @pytest.fixture
@@ -55,3 +55,47 @@ def test_gives_up_when_retry_after_or_the_deadline_leaves_no_room(uploader: Code
     assert uploader.retry_wait(1, 1.0, left=1.1) is None  # 1 s + min_attempt does not fit
     assert uploader.retry_wait(1, None, left=0.1) is None  # no time for another attempt
     assert uploader.retry_wait(1, 0.0, left=0.5) is not None  # Retry-After: 0 (or a past date)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retry-After as coderd (or anything in between) may send it
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("120", 120.0),
+        (" 5 ", 5.0),
+        ("0", 0.0),
+        ("²", None),  # "²".isdigit() is True; int("²") raises
+        ("٣", None),  # an Arabic-Indic digit: int() would accept it, RFC 9110 does not
+        ("1.5", None),
+        ("-3", None),
+        ("", None),
+        (None, None),
+        ("soon", None),
+        ("9" * 5000, 86_400.0),  # bounded, and never int() of 5 000 digits
+        ("Thu, 01 Jan 1970 00:00:00 GMT", 0.0),  # a date in the past
+        ("Sun, 06 Nov 1994 08:49:37 GMT" + "x" * 10_000, None),
+    ],
+)
+def test_parse_retry_after_accepts_ascii_seconds_or_a_date_only(value: str | None, seconds: float | None) -> None:
+    assert parse_retry_after(value) == seconds
+
+
+def test_parse_retry_after_date_in_the_future_is_bounded() -> None:
+    now = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+    assert parse_retry_after("Thu, 01 Jan 2026 00:00:30 GMT", now=now) == 30.0
+    assert parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now=now) == 86_400.0
+
+
+def test_stop_and_wait_agree_whatever_order_tenacity_asks_them(uploader: CoderdUploader) -> None:
+    """The uploader's tenacity ``stop`` (``out_of_time``) and ``wait`` share no state: a wait is
+    only ever drawn where stop says another attempt fits, and then it fits before the deadline."""
+    for retry_after in (None, 0.0, 0.5, 1.0, 3.0, 30.0):
+        for left in (0.1, 0.5, 1.0, 1.3, 4.0, 60.0):
+            for failures in (1, 3, 8):
+                wait = uploader.retry_wait(failures, retry_after, left)
+                assert (wait is None) == uploader.out_of_time(retry_after, left)
+                if wait is not None:
+                    assert (retry_after or 0.0) <= wait <= left - uploader.min_attempt
