@@ -242,7 +242,7 @@ class Child:
         with anyio.fail_after(WAIT):
             while True:
                 peak = max(peak, self._hwm_kib() or 0)
-                pid, status = os.waitpid(self.proc.pid, os.WNOHANG)
+                pid, status = os.waitpid(self.proc.pid, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG: never blocks)
                 if pid:
                     break
                 await anyio.sleep(0.01)

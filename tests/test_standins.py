@@ -66,7 +66,7 @@ def padded_body(size: int, messages_value: str = "[]") -> bytes:
 
 async def post(client: httpx.AsyncClient, coderd: FakeCoderd, body: bytes, *, task: str = TASK,
                query: str = "format=agentapi", token: str | None = TOKEN,
-               timeout: float | None = None) -> httpx.Response:
+               timeout: float | None = None) -> httpx.Response:  # noqa: ASYNC109 (httpx's own per-request timeout)
     headers = {"content-type": "application/json"}
     if token is not None:
         headers["coder-session-token"] = token
@@ -241,7 +241,7 @@ async def test_coderd_rules_apply_in_contract_order() -> None:
             assert data["message"] == expected_message
             return data
 
-        await check(401, None or "You are signed out or your session has expired. Please sign in again to continue.",
+        await check(401, "You are signed out or your session has expired. Please sign in again to continue.",
                     token=None, task="nope", query="format=xml&x=1")
         await check(401, "Workspace agent not authorized.", token="wrong", task="nope", query="format=xml&x=1")
         d = await check(400, "Invalid task ID format.", task="not-a-uuid", query="format=xml&x=1")
