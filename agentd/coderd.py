@@ -396,6 +396,8 @@ class CoderdUploader:
                 f"{exc}; coderd asked to retry after {exc.retry_after:.1f} s, "
                 f"{max(left, 0):.1f} s left before the deadline"
             )
+        if exc.status is None:  # never an answer: say where to look
+            return f"{exc}; gave up at the deadline ({explain(None)})"
         return f"{exc}; gave up at the deadline"
 
     async def _attempt(self, snapshot: Snapshot, deadline: float) -> int:
