@@ -66,7 +66,7 @@ def padded_body(size: int, messages_value: str = "[]") -> bytes:
 
 async def post(client: httpx.AsyncClient, coderd: FakeCoderd, body: bytes, *, task: str = TASK,
                query: str = "format=agentapi", token: str | None = TOKEN,
-               timeout: float | None = None) -> httpx.Response:  # noqa: ASYNC109 (httpx's own per-request timeout)
+               timeout: float | None = None) -> httpx.Response:
     headers = {"content-type": "application/json"}
     if token is not None:
         headers["coder-session-token"] = token
@@ -394,7 +394,7 @@ async def test_coderd_bad_role_is_stored_but_poisons_read_back() -> None:
 async def test_coderd_token_stops_working_after_the_stop_build_and_a_delete() -> None:
     """coder/coder PR 21538: the agent token works while the stop build runs, 401 once it has
     completed; deleting the task deletes its workspace, and the token with it."""
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with httpx.AsyncClient(timeout=30) as client:
         coderd = FakeCoderd(token=TOKEN, tasks={TASK})
         async with coderd.serve() as c:
             assert (await post(client, c, payload([msg(0, "during the stop build")]))).status_code == 204
@@ -416,7 +416,7 @@ async def test_coderd_token_stops_working_after_the_stop_build_and_a_delete() ->
 async def test_coderd_store_failure_answers_500_before_reading_the_body() -> None:
     """A database failure on the task lookup answers 500 whatever the body: nothing is decoded."""
     coderd = FakeCoderd(token=TOKEN, tasks={TASK}, fail_store=True)
-    async with coderd.serve() as c, httpx.AsyncClient(timeout=5) as client:
+    async with coderd.serve() as c, httpx.AsyncClient(timeout=30) as client:
         for body in (payload([msg(0)]), b"not json", padded_body(SNAPSHOT_MAX_BYTES + 10)):
             r = await post(client, c, body)
             assert r.status_code == 500

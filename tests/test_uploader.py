@@ -23,12 +23,12 @@ T0 = "2026-01-01T00:00:00Z"
 MESSAGES = [Message(0, "user", "Fix the flaky test ╭─╮", T0), Message(1, "agent", "⏺ Done ✅", T0)]
 
 
-async def upload(coderd: FakeCoderd, seconds: float = 5.0, task: str = TASK,
+async def upload(coderd: FakeCoderd, seconds: float = 30.0, task: str = TASK,
                  messages: list[Message] = MESSAGES) -> UploadOutcome:
     snapshot = build_snapshot(messages)
     assert snapshot is not None
     async with httpx.AsyncClient(trust_env=False) as client:
-        uploader = CoderdUploader(client, coderd.url, TOKEN, uuid.UUID(task), attempt_timeout=2.0)
+        uploader = CoderdUploader(client, coderd.url, TOKEN, uuid.UUID(task))
         return await uploader.upload(snapshot, anyio.current_time() + seconds)
 
 
@@ -39,7 +39,7 @@ async def test_204_is_stored_and_read_back_once_the_task_is_paused() -> None:
         assert outcome.stored and outcome.status == 204 and outcome.attempts == 1
         assert c.stored[TASK].log_snapshot["format"] == "agentapi"
         assert [m["content"] for m in c.stored[TASK].messages] == [m.content for m in MESSAGES]
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(timeout=30) as client:
             url = f"{c.url}/api/v2/tasks/me/{TASK}/logs"
             assert (await client.get(url)).status_code == 409  # active: coderd reads agentapi live
             c.complete_stop_build()
@@ -84,7 +84,7 @@ async def test_the_two_404s_are_told_apart() -> None:
 async def test_a_store_failure_is_retried_to_the_deadline() -> None:
     coderd = FakeCoderd(token=TOKEN, tasks={TASK}, fail_store=True)
     async with coderd.serve() as c:
-        outcome = await upload(c, seconds=1.5)
+        outcome = await upload(c, seconds=3.0)
     assert not outcome.stored and outcome.status == 500 and outcome.attempts >= 2
     assert "Internal error fetching task." in outcome.reason and "deadline" in outcome.reason
 
@@ -93,7 +93,7 @@ async def test_a_nul_character_is_refused_by_the_jsonb_upsert() -> None:
     """The stand-in answers as PostgreSQL's jsonb makes coderd answer: 500 on U+0000."""
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
     async with coderd.serve() as c:
-        outcome = await upload(c, seconds=1.0, messages=[Message(0, "agent", "a\x00b", T0)])
+        outcome = await upload(c, seconds=3.0, messages=[Message(0, "agent", "a\x00b", T0)])
     assert not outcome.stored and outcome.status == 500
     assert TASK not in c.stored
     assert all(r.message == "Internal error storing snapshot." for r in c.answered())
@@ -110,7 +110,7 @@ async def test_a_nul_character_is_refused_by_the_jsonb_upsert() -> None:
 async def test_only_204_counts_as_stored(answer: tuple[int, dict[str, str], object], stored: bool) -> None:
     coderd = FakeCoderd(token=TOKEN, tasks={TASK}, script=[answer] * 1000)
     async with coderd.serve() as c:
-        outcome = await upload(c, seconds=1.0)
+        outcome = await upload(c, seconds=3.0)
     assert outcome.stored is stored
     assert outcome.status == answer[0] and outcome.attempts >= 2, "retried: coderd never saw it"
     assert "not coderd's answer" in outcome.reason

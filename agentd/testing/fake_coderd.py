@@ -787,7 +787,7 @@ class FakeCoderd(Served):
         """Recorded requests that were answered (with ``status``, if given)."""
         return [r for r in self.requests if r.status is not None and (status is None or r.status == status)]
 
-    async def wait_stored(self, task: str, timeout: float = 30.0) -> Snapshot:  # noqa: ASYNC109
+    async def wait_stored(self, task: str, timeout: float = 30.0) -> Snapshot:
         """Wait until a snapshot for ``task`` is stored; return it."""
         canon = go_parse_uuid(str(task))
         await self.wait_for(lambda: canon in self.stored, timeout)
