@@ -194,6 +194,7 @@ class Child:
             AGENTD_ASYNC_BACKEND=backend, AGENTD_LOG_FORMAT="json", AGENTD_LOG_LEVEL="info", AGENTD_TASK_ID=TASK,
             CODER_AGENT_TOKEN=TOKEN, CODER_AGENT_URL=coderd_url, AGENTD_AGENTAPI_URL=agentapi_url,
             AGENTD_STATE_DIR=str(workdir / "state"), AGENTD_SOCKET=str(self.socket), AGENTD_CHECKPOINT_INTERVAL="0",
+            AGENTD_STARTUP_PROBE="false",  # the uploads meet the hostile answers, not the start-up probe
             **env,
         )
         with open(self.err_path, "wb") as err:
