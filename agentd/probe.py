@@ -35,7 +35,7 @@ import anyio
 import httpx
 
 from agentd.backoff import full_jitter
-from agentd.coderd import parse_retry_after
+from agentd.coderd import RESOURCE_NOT_FOUND, ROUTE_NOT_FOUND, explain, parse_retry_after
 from agentd.logs import get_logger
 from agentd.messages import InvalidMessage, parse_messages
 from agentd.snapshot import build_snapshot
@@ -53,8 +53,6 @@ PROBE_TIMEOUT = 5.0
 
 #: coderd's messages that decide a verdict (CONTRACT.md §1).
 DECODE_FAILED = "Failed to decode request payload."
-ROUTE_NOT_FOUND = "Route not found."
-RESOURCE_NOT_FOUND = "Resource not found."
 INVALID_TASK_ID = "Invalid task ID format."
 #: Go's net/http answer to plain HTTP sent to its TLS port.
 HTTP_TO_HTTPS = "Client sent an HTTP request to an HTTPS server."
@@ -135,10 +133,15 @@ def _error_body(content_type: str, body: bytes) -> dict[str, Any] | None:
     return data
 
 
+def _one_line(value: Any, limit: int = 200) -> str:
+    """``value`` as text on one line (a peer's text may hold newlines), at most ``limit`` characters."""
+    return " ".join(str(value).split())[:limit]
+
+
 def _quoted(data: dict[str, Any]) -> str:
-    message = str(data.get("message", ""))[:200]
-    detail = data.get("detail")
-    return f'"{message}"' + (f" ({str(detail)[:200]})" if detail else "")
+    message = _one_line(data.get("message", ""))
+    detail = _one_line(data.get("detail") or "")
+    return f'"{message}"' + (f" ({detail})" if detail else "")
 
 
 def _describe_answer(status: int, content_type: str, body: bytes) -> str:
@@ -155,13 +158,9 @@ def _no_route(status: int, coderd_url: str, where: str, version: str | None) -> 
             "give coderd's base URL without it (e.g. https://coder.example.com)"
         )
     else:
-        who = f"coderd {version}" if version else "this coderd"
-        sentence = (
-            f'{who} at {where} has no log-snapshot route ("Route not found."): Coder v2.36/v2.37 register '
-            "the Tasks routes only when the deployment sets CODER_ENABLE_AI_TASKS=true, later releases "
-            "removed Tasks (use the Tasks ESR), and versions before the endpoint (2026-01) lack it; "
-            "or CODER_AGENT_URL points elsewhere"
-        )
+        who = f"coderd {version}" if version else "coderd"
+        sentence = f'{who} at {where} answered 404 "Route not found.": {explain(404, ROUTE_NOT_FOUND)} (the Tasks ESR keeps it to mid-2027)'
+
     return CoderdVerdict("no_route", False, False, status, sentence)
 
 
@@ -210,34 +209,28 @@ def _not_coderd(status: int, content_type: str, body: bytes, where: str) -> Code
     return CoderdVerdict("not_coderd", False, False, status, sentence)
 
 
+#: coderd's refusals the probe names, by (status, message); None matches any message.
+_REFUSALS: dict[tuple[int, str | None], str] = {
+    (401, None): "token_refused",
+    (404, RESOURCE_NOT_FOUND): "wrong_task",
+    (400, INVALID_TASK_ID): "bad_task_id",
+    (403, None): "forbidden",
+}
+
+
 def _coderd_error_verdict(
     status: int, data: dict[str, Any], coderd_url: str, where: str, task: str, version: str | None
 ) -> CoderdVerdict:
     message = data.get("message")
     if status == 400 and message == DECODE_FAILED:
         return CoderdVerdict("ready", True, False, status, f"log-snapshot endpoint ready for task {task}")
-    if status == 401:
-        sentence = (
-            f"coderd at {where} refused the agent token (401 {_quoted(data)}): set CODER_AGENT_TOKEN or "
-            "CODER_AGENT_TOKEN_FILE to this workspace's agent token (the Coder agent passes it to coder_script); "
-            "a token stops working once the workspace's stop build completes"
-        )
-        return CoderdVerdict("token_refused", False, False, status, sentence)
     if status == 404 and message == ROUTE_NOT_FOUND:
         return _no_route(status, coderd_url, where, version)
-    if status == 404 and message == RESOURCE_NOT_FOUND:
-        sentence = (
-            f'coderd at {where} has no task {task} in this workspace ("Resource not found."): it is deleted, '
-            "or belongs to another workspace; set AGENTD_TASK_ID to this workspace's task "
-            "(data.coder_task.me.id in the template)"
-        )
-        return CoderdVerdict("wrong_task", False, False, status, sentence)
-    if status == 400 and message == INVALID_TASK_ID:
-        sentence = f"coderd at {where} refused the task id {task} (400 {_quoted(data)}): set AGENTD_TASK_ID to the task's UUID"
-        return CoderdVerdict("bad_task_id", False, False, status, sentence)
-    if status == 403:
-        sentence = f"coderd at {where} forbids this agent to store the task's snapshot (403 {_quoted(data)}): check AGENTD_TASK_ID and the token"
-        return CoderdVerdict("forbidden", False, False, status, sentence)
+    # The upload's final log line says the same (coderd.explain): one table for both.
+    kind = _REFUSALS.get((status, message)) or _REFUSALS.get((status, None))
+    if kind is not None:
+        sentence = f"coderd at {where} answered {status} {_quoted(data)} for task {task}: {explain(status, str(message))}"
+        return CoderdVerdict(kind, False, False, status, sentence)
     sentence = f"coderd at {where} refused the probe ({status} {_quoted(data)}): a coderd this agentd does not know; check CODER_AGENT_URL"
     return CoderdVerdict("refused", False, False, status, sentence)
 
