@@ -11,24 +11,72 @@ Memory stays bounded however large a message grows: the body limit is ``max_byte
 character costs at least one byte in the body, so no message ever needs more than its last
 ``max_bytes`` characters. The rest is dropped on entry and counted in ``Message.elided``.
 
-When agentapi restarts without its saved state its ids start over at 0. A full view whose newest
-id is below the newest id already seen is such a restart: the new conversation is appended after
-the one held (ids shifted past it), so the held messages are never replaced by an emptier view
-and ids keep ascending.
+The merge rule (README, "The merge rule") recognises the conversation by its content, not by
+id arithmetic alone. agentd's ids are agentapi's plus a shift (:attr:`RingBuffer.offset`), which
+is only ever changed by one of these facts:
+
+1. **Same message.** An incoming message with the same ``role``, the same ``time`` and the same
+   or a growing content as a held one *is* that message, whatever ids surround it: the shift is
+   re-derived from it (agentapi restarted with ``--state-file``, or agentd restarted). Only
+   agentapi's newest message is rewritten in place, with a new ``time``: an update for the
+   newest held id replaces it.
+2. **No evidence.** A view with no content at all (empty, or only empty placeholders: agentapi's
+   message 0 shown until it loads its saved state, CONTRACT.md §2 "Late state load") changes
+   nothing; it only puts the buffer on guard until content arrives. Updates older than the
+   held window are then set aside (at most N) until the next one tells which case it is.
+3. **New conversation.** Content that contradicts the held messages (a different message at a
+   held id other than the newest, a view with content ending before the newest held message
+   and sharing none of it, or any content after a "no evidence" view that is not a held
+   message) is agentapi restarted without its state: its messages are numbered after the held
+   ones, which stay.
+4. **A full view is the truth for its range.** A held message whose id falls inside the view's
+   id range but is not in the view is dropped (agentapi's ACP transport removes a failed
+   prompt's empty placeholder with no event); held messages older than the range stay, and so
+   does held content newer than it (a final ``GET /messages`` one message short never renumbers
+   or duplicates anything).
+5. **int64.** If agentapi's ids would push an id outside 0 .. 2**63-1 (coderd decodes ``id`` as an
+   int64), all held messages are renumbered compactly 0, 1, 2, ... in their order, and the shift
+   follows the message just stored.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 
 from agentd.messages import Message
 
+_INT64_MAX = 2**63 - 1
+
+
+def has_content(message: Message) -> bool:
+    """False for an empty placeholder (agentapi's message 0 before the agent's screen, ACP's
+    agent message before the first chunk): it carries nothing worth keeping or comparing."""
+    return bool(message.content) or message.elided > 0
+
+
+def same_message(held: Message, incoming: Message) -> bool:
+    """True when ``incoming`` is ``held`` again, possibly grown: same role, same time, and the
+    same text where both still hold it (either may have been clipped, see ``Message.elided``),
+    with ``incoming`` at least as long."""
+    if held.role != incoming.role or held.time != incoming.time:
+        return False
+    held_end = held.elided + len(held.content)
+    incoming_end = incoming.elided + len(incoming.content)
+    if incoming_end < held_end:
+        return False
+    start = max(held.elided, incoming.elided)  # compare where both hold the text
+    if start >= held_end:
+        return True  # grew past everything held: role and time are all that is left to compare
+    return held.content[start - held.elided :] == incoming.content[start - incoming.elided : held_end - incoming.elided]
+
 
 class RingBuffer:
     """The last ``max_messages`` messages by id, each at most ``max_chars`` characters long.
 
-    ``version`` increases on every change (for persistence and checkpoints to notice).
+    ``version`` increases on every change (for persistence and checkpoints to notice);
+    ``resets`` counts the new conversations recognised (agentapi restarted without its state).
     """
 
     def __init__(self, max_messages: int = 10, max_chars: int = 65_536) -> None:
@@ -37,8 +85,10 @@ class RingBuffer:
         self.max_messages = max_messages
         self.max_chars = max_chars
         self._by_id: dict[int, Message] = {}
-        self._offset = 0  # added to agentapi's ids after a restart without state
-        self._source_newest: int | None = None  # newest id seen from agentapi, its numbering
+        self._shift = 0  # agentd's id = agentapi's id + _shift, for agentapi's current conversation
+        self._guard = False  # a view without content was seen: judge the next content by content
+        self._outside = False  # an id outside int64 was stored (rule 5)
+        self._aside: dict[int, Message] = {}  # updates older than the window while on guard
         self.version = 0
         self.resets = 0
 
@@ -55,56 +105,31 @@ class RingBuffer:
     def newest_id(self) -> int | None:
         return max(self._by_id) if self._by_id else None
 
-    # -- writing -------------------------------------------------------------------------
-
-    def apply(self, message: Message) -> bool:
-        """Upsert one message in agentapi's numbering; return True if the buffer changed.
-
-        A message older than the window (buffer full, id below the oldest held) is ignored.
-        """
-        if self._source_newest is None or message.id > self._source_newest:
-            self._source_newest = message.id
-        return self._put(message)
-
-    def sync(self, view: Iterable[Message]) -> bool:
-        """Merge a full view of the conversation (ids ascending); return True if anything changed.
-
-        An empty view, or one whose newest id is below the newest seen, means agentapi lost its
-        state: the held messages stay and the new conversation is numbered after them.
-        """
-        view = list(view)
-        view_newest = view[-1].id if view else None
-        if self._source_newest is not None and (view_newest is None or view_newest < self._source_newest):
-            self._restart_numbering()
-        changed = False
-        for message in view[-self.max_messages :]:
-            changed |= self.apply(message)
-        return changed
-
     @property
     def offset(self) -> int:
-        """What is added to agentapi's ids (non-zero after agentapi restarted without its state)."""
-        return self._offset
+        """What is added to agentapi's ids (non-zero after agentapi restarted without its state).
+
+        Never negative: a negative shift (only after rule 5 renumbered huge ids) reads as 0. That
+        is safe to persist: the next view re-derives the shift from the messages it shares.
+        """
+        return max(0, self._shift)
+
+    # -- writing -------------------------------------------------------------------------
 
     def restore(self, messages: Iterable[Message], offset: int = 0) -> None:
         """Load messages already in the buffer's own numbering (from the persisted state).
 
-        ``offset`` is the :attr:`offset` they were saved with: agentapi's own ids are the held
-        ones minus it, so its next full view of the same conversation merges by id; a shorter
-        one (agentapi restarted again without its state) is appended after.
+        ``offset`` is the :attr:`offset` they were saved with. The next view of the same
+        conversation is recognised by content whatever it is; ``offset`` only places messages
+        newer than every held one when the view shares none of them.
         """
-        self._offset = 0
+        self._by_id.clear()
+        self._aside.clear()
+        self._guard = False
         for message in messages:
-            self._put(message)
-        newest = self.newest_id
-        self._offset = max(0, offset)
-        self._source_newest = newest - self._offset if newest is not None and newest >= self._offset else None
-
-    def _restart_numbering(self) -> None:
-        newest = self.newest_id
-        self._offset = 0 if newest is None else newest + 1
-        self._source_newest = None
-        self.resets += 1
+            self._store(message.id, self.clip(message))
+        self._shift = max(0, offset)
+        self._fit(self.newest_id)
 
     def clip(self, message: Message) -> Message:
         """``message`` with at most its last ``max_chars`` characters (the rest counted in ``elided``)."""
@@ -113,18 +138,183 @@ class RingBuffer:
         cut = len(message.content) - self.max_chars
         return replace(message, content=message.content[cut:], elided=message.elided + cut)
 
-    def _put(self, message: Message) -> bool:
-        if self._offset:
-            message = replace(message, id=message.id + self._offset)
+    def apply(self, message: Message) -> bool:
+        """Upsert one message in agentapi's numbering; return True if the buffer changed.
+
+        A message older than the window (buffer full, id below the oldest held) is ignored.
+        """
+        version = self.version
         message = self.clip(message)
-        held = self._by_id.get(message.id)
-        if held == message:
+        target = message.id + self._shift
+        if not self._guard and target in self._by_id and target == self.newest_id:
+            self._store(target, message)  # the hot path: agentapi rewriting its newest message
+        else:
+            target = self._apply_judged(message)
+        self._fit(target)
+        return self.version != version
+
+    def sync(self, view: Iterable[Message]) -> bool:
+        """Merge a full view of the conversation; return True if anything changed.
+
+        Only the view's newest ``max_messages`` ids are stored (the buffer could hold no more);
+        twice as many are compared with the held messages.
+        """
+        version = self.version
+        wide = self._window(view, 2 * self.max_messages)  # a little more to recognise, the window to keep
+        batch = wide[-self.max_messages :]
+        if not any(has_content(m) for m in batch) and any(has_content(m) for m in self._by_id.values()):
+            self._guard = True  # rule 2: agentapi lost or has not yet loaded its state
             return False
+        if not batch:
+            return False
+        hits = self._matches(wide)
+        if hits:
+            self._align(hits)
+        elif self._guard or self._contradicts(batch):
+            self._new_conversation(batch[0].id)
+        self._guard = False
+        self._aside.clear()
+        self._merge(batch, hits)
+        return self.version != version
+
+    # -- the rule ----------------------------------------------------------------------------
+
+    def _window(self, view: Iterable[Message], size: int) -> list[Message]:
+        by_id: dict[int, Message] = {}
+        for message in view:
+            by_id[message.id] = message  # the last one wins, as with updates
+        return [self.clip(by_id[i]) for i in sorted(by_id)[-size:]]
+
+    def _find(self, message: Message) -> int | None:
+        """The held id of ``message`` by rule 1, preferring the one its id maps to."""
+        target = message.id + self._shift
+        held = self._by_id.get(target)
+        if held is not None and same_message(held, message):
+            return target
+        found = [i for i, h in self._by_id.items() if same_message(h, message)]
+        return max(found) if found else None
+
+    def _matches(self, batch: list[Message]) -> dict[int, int]:
+        """agentapi id -> held id, for the view's messages agentd already holds (rule 1)."""
+        hits: dict[int, int] = {}
+        for message in batch:
+            found = self._find(message)
+            if found is not None:
+                hits[message.id] = found
+        return hits
+
+    def _align(self, hits: dict[int, int]) -> None:
+        votes = Counter(held - source for source, held in hits.items())
+        best = max(votes.values())
+        if votes.get(self._shift) != best:
+            self._shift = max(shift for shift, n in votes.items() if n == best)
+
+    def _contradicts(self, batch: list[Message]) -> bool:
+        """Rule 3 for a view sharing no held message: does it show another conversation?"""
+        newest = self.newest_id
+        if newest is None:
+            return False
+        if batch[-1].id + self._shift < newest:
+            return True  # a shorter view: agentapi started over
+        for message in batch:
+            target = message.id + self._shift
+            held = self._by_id.get(target)
+            if held is not None and target != newest and has_content(held) and has_content(message):
+                return True
+        return False
+
+    def _new_conversation(self, first: int) -> None:
+        """Rule 3: agentapi's conversation from now on is numbered after the held one."""
+        newest = self.newest_id
+        if newest is not None:
+            self._shift = newest + 1 - min(0, first)
+            self.resets += 1
+        self._guard = False
+
+    def _apply_judged(self, message: Message) -> int:
+        """:meth:`apply` off the hot path; returns the id it placed (or would have placed) it at."""
+        if self._guard:
+            return self._apply_on_guard(message)
+        target = message.id + self._shift
+        held = self._by_id.get(target)
+        if held is not None and has_content(held) and target != self.newest_id and not same_message(held, message):
+            if not has_content(message):
+                return target  # an empty message over held content tells nothing
+            self._new_conversation(message.id)  # rule 3: agentapi never rewrites an older message
+            target = message.id + self._shift
+        self._store(target, message)
+        return target
+
+    def _apply_on_guard(self, message: Message) -> int:
+        """Rules 1-3 for a live update after a view without content: recognise, set aside or decide."""
+        found = self._find(message)
+        if found is not None:  # rule 1: agentapi loaded its saved state (or never lost it)
+            self._shift = found - message.id
+            self._guard = False
+            self._aside.clear()
+            self._store(found, message)
+            return found
+        target = message.id + self._shift
+        if not has_content(message):
+            return target
+        oldest = min(self._by_id)
+        if target < oldest:  # older than the window: a late-loaded old message, or a new conversation
+            self._aside[message.id] = message
+            if len(self._aside) > self.max_messages:
+                del self._aside[min(self._aside)]
+            return target
+        waiting = [self._aside[i] for i in sorted(self._aside)] + [message]
+        self._new_conversation(waiting[0].id)
+        self._aside.clear()
+        for earlier in waiting:
+            self._store(earlier.id + self._shift, earlier)
+        return message.id + self._shift
+
+    def _merge(self, batch: list[Message], hits: dict[int, int]) -> None:
+        """Store the view (rule 4): it replaces what the buffer holds in its id range."""
+        placed: list[tuple[int, Message]] = []
+        for message in batch:
+            target = hits.get(message.id, message.id + self._shift)
+            if placed and target <= placed[-1][0]:
+                target = placed[-1][0] + 1  # disagreeing matches: keep the view's order
+            placed.append((target, message))
+        low, high = placed[0][0], placed[-1][0]
+        keep = {target for target, _ in placed}
+        for held_id in list(self._by_id):
+            inside = low <= held_id <= high and held_id not in keep
+            stale_placeholder = held_id > high and not has_content(self._by_id[held_id])
+            if inside or stale_placeholder:
+                del self._by_id[held_id]
+                self.version += 1
+        for target, message in placed:
+            self._store(target, message)
+        self._shift = high - batch[-1].id
+        self._fit(high)
+
+    def _store(self, target: int, message: Message) -> None:
+        if message.id != target:
+            message = replace(message, id=target)
+        held = self._by_id.get(target)
+        if held == message:
+            return
         if held is None and len(self._by_id) >= self.max_messages:
             oldest = min(self._by_id)
-            if message.id < oldest:
-                return False
+            if target < oldest:
+                return  # older than the window
             del self._by_id[oldest]
-        self._by_id[message.id] = message
+        self._by_id[target] = message
         self.version += 1
-        return True
+        if not 0 <= target <= _INT64_MAX:
+            self._outside = True
+
+    def _fit(self, anchor: int | None) -> None:
+        """Rule 5: renumber 0, 1, 2, ... if an id left int64; the shift follows ``anchor``."""
+        if not self._outside or anchor is None:
+            return
+        self._outside = False
+        ids = sorted(self._by_id)
+        renumbered = {old: new for new, old in enumerate(ids)}
+        self._by_id = {renumbered[old]: replace(self._by_id[old], id=renumbered[old]) for old in ids}
+        moved_to = renumbered.get(anchor, sum(1 for old in ids if old < anchor))
+        self._shift += moved_to - anchor
+        self.version += 1
