@@ -29,11 +29,12 @@ is only ever changed by one of these facts:
    and sharing none of it, or any content after a "no evidence" view that is not a held
    message) is agentapi restarted without its state: its messages are numbered after the held
    ones, which stay.
-4. **A full view is the truth for its range.** A held message whose id falls inside the view's
-   id range but is not in the view is dropped (agentapi's ACP transport removes a failed
-   prompt's empty placeholder with no event); held messages older than the range stay, and so
-   does held content newer than it (a final ``GET /messages`` one message short never renumbers
-   or duplicates anything).
+4. **A full view is the truth for its range.** A held message that sits between two of the
+   view's messages numbered alike, at an id the view lacks, is dropped (agentapi's ACP
+   transport removes a failed prompt's empty placeholder with no event), and so is an empty
+   placeholder after the view's newest message. Held messages older than the range stay, and
+   so does held content newer than it (a final ``GET /messages`` one message short never
+   renumbers or duplicates anything) or between two conversations' numberings.
 5. **int64.** If agentapi's ids would push an id outside 0 .. 2**63-1 (coderd decodes ``id`` as an
    int64), all held messages are renumbered compactly 0, 1, 2, ... in their order, and the shift
    follows the message just stored.
@@ -44,6 +45,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
+from itertools import pairwise
 
 from agentd.messages import Message
 
@@ -272,24 +274,45 @@ class RingBuffer:
 
     def _merge(self, batch: list[Message], hits: dict[int, int]) -> None:
         """Store the view (rule 4): it replaces what the buffer holds in its id range."""
-        placed: list[tuple[int, Message]] = []
-        for message in batch:
-            target = hits.get(message.id, message.id + self._shift)
-            if placed and target <= placed[-1][0]:
-                target = placed[-1][0] + 1  # disagreeing matches: keep the view's order
-            placed.append((target, message))
-        low, high = placed[0][0], placed[-1][0]
-        keep = {target for target, _ in placed}
-        for held_id in list(self._by_id):
-            inside = low <= held_id <= high and held_id not in keep
-            stale_placeholder = held_id > high and not has_content(self._by_id[held_id])
-            if inside or stale_placeholder:
-                del self._by_id[held_id]
+        placed, moved = self._place(batch, hits)
+        doomed = set(moved) | self._gaps(placed)
+        for held_id in doomed:
+            if self._by_id.pop(held_id, None) is not None:
                 self.version += 1
         for target, message in placed:
             self._store(target, message)
+        high = placed[-1][0]
         self._shift = high - batch[-1].id
         self._fit(high)
+
+    def _place(self, batch: list[Message], hits: dict[int, int]) -> tuple[list[tuple[int, Message]], list[int]]:
+        """Where each view message goes: a held message stays where it is; the others follow
+        the nearest held one before them (the aligned shift before the first). Ids ascend in the
+        view's order; a held message that cannot keep its place is moved (its old id returned)."""
+        placed: list[tuple[int, Message]] = []
+        moved: list[int] = []
+        shift = self._shift
+        for message in batch:
+            target = hits.get(message.id, message.id + shift)
+            if placed and target <= placed[-1][0]:
+                if message.id in hits:
+                    moved.append(target)
+                target = placed[-1][0] + 1
+            shift = target - message.id
+            placed.append((target, message))
+        return placed, moved
+
+    def _gaps(self, placed: list[tuple[int, Message]]) -> set[int]:
+        """Held ids the view shows are gone: between two of its messages numbered alike (an id
+        agentapi removed), or an empty placeholder after its newest message."""
+        gone: set[int] = set()
+        keep = {target for target, _ in placed}
+        high = placed[-1][0]
+        for (low_t, low), (up_t, up) in pairwise(placed):
+            if up_t - low_t == up.id - low.id and up_t - low_t > 1:
+                gone.update(i for i in self._by_id if low_t < i < up_t and i not in keep)
+        gone.update(i for i, m in self._by_id.items() if i > high and not has_content(m))
+        return gone
 
     def _store(self, target: int, message: Message) -> None:
         if message.id != target:
