@@ -16,16 +16,17 @@ id arithmetic alone. agentd's ids are agentapi's plus a shift (:attr:`RingBuffer
 is only ever changed by one of these facts:
 
 1. **Same message.** An incoming message with the same ``role``, the same ``time`` and the same
-   or a growing content as a held one *is* that message, whatever ids surround it: the shift is
+   or a growing content (or an older copy of it: a saved state is older than the screen) as
+   a held one *is* that message, whatever ids surround it; the longer copy is kept: the shift is
    re-derived from it (agentapi restarted with ``--state-file``, or agentd restarted). Only
-   agentapi's newest message is rewritten in place, with a new ``time``: an update for the
-   newest held id replaces it.
-2. **No evidence.** A view with no content at all (empty, or only empty placeholders: agentapi's
-   message 0 shown until it loads its saved state, CONTRACT.md §2 "Late state load") changes
-   nothing; it only puts the buffer on guard until content arrives. Updates older than the
+   agentapi's newest message, the agent's, is rewritten in place, with a new ``time``: an
+   agent update for the newest held id (an agent message) replaces it.
+2. **No evidence.** A view with no content at all and no held message (empty, or only new empty
+   placeholders: agentapi's message 0 shown until it loads its saved state, CONTRACT.md §2
+   "Late state load") changes nothing; it only puts the buffer on guard until content arrives. Updates older than the
    held window are then set aside (at most N) until the next one tells which case it is.
-3. **New conversation.** Content that contradicts the held messages (a different message at a
-   held id other than the newest, a view with content ending before the newest held message
+3. **New conversation.** Content that contradicts the held messages (a different message at or
+   before a held message with content, other than a rewrite of the newest agent message, a view with content ending before the newest held message
    and sharing none of it, or any content after a "no evidence" view that is not a held
    message) is agentapi restarted without its state: its messages are numbered after the held
    ones, which stay.
@@ -34,7 +35,8 @@ is only ever changed by one of these facts:
    transport removes a failed prompt's empty placeholder with no event), and so is an empty
    placeholder after the view's newest message. Held messages older than the range stay, and
    so does held content newer than it (a final ``GET /messages`` one message short never
-   renumbers or duplicates anything) or between two conversations' numberings.
+   renumbers or duplicates anything) or between two conversations' numberings, as long as
+   there is room: when the window is full, the view's own messages are kept first.
 5. **int64.** If agentapi's ids would push an id outside 0 .. 2**63-1 (coderd decodes ``id`` as an
    int64), all held messages are renumbered compactly 0, 1, 2, ... in their order, and the shift
    follows the message just stored.
@@ -42,7 +44,6 @@ is only ever changed by one of these facts:
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 from itertools import pairwise
@@ -59,19 +60,23 @@ def has_content(message: Message) -> bool:
 
 
 def same_message(held: Message, incoming: Message) -> bool:
-    """True when ``incoming`` is ``held`` again, possibly grown: same role, same time, and the
-    same text where both still hold it (either may have been clipped, see ``Message.elided``),
-    with ``incoming`` at least as long."""
+    """True when ``incoming`` is ``held`` again: same role, same time, and the same text where
+    both hold it, one a prefix of the other (it grew, or agentapi shows an older copy from its
+    saved state). Either may have been clipped (see ``Message.elided``)."""
     if held.role != incoming.role or held.time != incoming.time:
         return False
     held_end = held.elided + len(held.content)
     incoming_end = incoming.elided + len(incoming.content)
-    if incoming_end < held_end:
-        return False
     start = max(held.elided, incoming.elided)  # compare where both hold the text
-    if start >= held_end:
-        return True  # grew past everything held: role and time are all that is left to compare
-    return held.content[start - held.elided :] == incoming.content[start - incoming.elided : held_end - incoming.elided]
+    end = min(held_end, incoming_end)
+    if start >= end:
+        return True  # no text in common to compare: role and time are all there is
+    return held.content[start - held.elided : end - held.elided] == incoming.content[start - incoming.elided : end - incoming.elided]
+
+
+def _longer(held: Message, incoming: Message) -> Message:
+    """Of two copies of the same message, the one with more of it (the newer on a tie)."""
+    return held if held.elided + len(held.content) > incoming.elided + len(incoming.content) else incoming
 
 
 class RingBuffer:
@@ -147,11 +152,17 @@ class RingBuffer:
         """
         version = self.version
         message = self.clip(message)
-        target = message.id + self._shift
-        if not self._guard and target in self._by_id and target == self.newest_id:
-            self._store(target, message)  # the hot path: agentapi rewriting its newest message
+        found = self._find(message)
+        if found is not None:  # rule 1, whatever its id says
+            self._shift = found - message.id
+            self._guard = False
+            self._aside.clear()
+            self._store(found, _longer(self._by_id[found], message))
+            target = found
+        elif self._guard:
+            target = self._apply_on_guard(message)
         else:
-            target = self._apply_judged(message)
+            target = self._apply_live(message)
         self._fit(target)
         return self.version != version
 
@@ -164,15 +175,13 @@ class RingBuffer:
         version = self.version
         wide = self._window(view, 2 * self.max_messages)  # a little more to recognise, the window to keep
         batch = wide[-self.max_messages :]
-        if not any(has_content(m) for m in batch) and any(has_content(m) for m in self._by_id.values()):
+        hits = self._matches(wide)
+        if not hits and not any(has_content(m) for m in batch) and any(has_content(m) for m in self._by_id.values()):
             self._guard = True  # rule 2: agentapi lost or has not yet loaded its state
             return False
         if not batch:
             return False
-        hits = self._matches(wide)
-        if hits:
-            self._align(hits)
-        elif self._guard or self._contradicts(batch):
+        if not hits and (self._guard or self._contradicts(batch)):
             self._new_conversation(batch[0].id)
         self._guard = False
         self._aside.clear()
@@ -205,12 +214,6 @@ class RingBuffer:
                 hits[message.id] = found
         return hits
 
-    def _align(self, hits: dict[int, int]) -> None:
-        votes = Counter(held - source for source, held in hits.items())
-        best = max(votes.values())
-        if votes.get(self._shift) != best:
-            self._shift = max(shift for shift, n in votes.items() if n == best)
-
     def _contradicts(self, batch: list[Message]) -> bool:
         """Rule 3 for a view sharing no held message: does it show another conversation?"""
         newest = self.newest_id
@@ -233,29 +236,22 @@ class RingBuffer:
             self.resets += 1
         self._guard = False
 
-    def _apply_judged(self, message: Message) -> int:
-        """:meth:`apply` off the hot path; returns the id it placed (or would have placed) it at."""
-        if self._guard:
-            return self._apply_on_guard(message)
+    def _apply_live(self, message: Message) -> int:
+        """A live update that is no held message; returns the id it went to (or would have)."""
         target = message.id + self._shift
         held = self._by_id.get(target)
-        if held is not None and has_content(held) and target != self.newest_id and not same_message(held, message):
+        rewrite = target == self.newest_id and held is not None and held.role == message.role == "agent"
+        judged = bool(self._by_id) and target >= min(self._by_id)  # below the window: nothing to compare
+        if judged and not rewrite and any(has_content(h) for i, h in self._by_id.items() if i >= target):
             if not has_content(message):
                 return target  # an empty message over held content tells nothing
-            self._new_conversation(message.id)  # rule 3: agentapi never rewrites an older message
+            self._new_conversation(message.id)  # rule 3: agentapi rewrites only its newest message
             target = message.id + self._shift
         self._store(target, message)
         return target
 
     def _apply_on_guard(self, message: Message) -> int:
-        """Rules 1-3 for a live update after a view without content: recognise, set aside or decide."""
-        found = self._find(message)
-        if found is not None:  # rule 1: agentapi loaded its saved state (or never lost it)
-            self._shift = found - message.id
-            self._guard = False
-            self._aside.clear()
-            self._store(found, message)
-            return found
+        """Rules 2-3 for a live update after a view without content: set aside or decide."""
         target = message.id + self._shift
         if not has_content(message):
             return target
@@ -280,18 +276,23 @@ class RingBuffer:
             if self._by_id.pop(held_id, None) is not None:
                 self.version += 1
         for target, message in placed:
-            self._store(target, message)
+            held = self._by_id.get(target)
+            if held is not None and same_message(held, message):
+                message = _longer(held, message)
+            self._store(target, message, evict=False)
+        self._trim({target for target, _ in placed[-self.max_messages :]})
         high = placed[-1][0]
         self._shift = high - batch[-1].id
         self._fit(high)
 
     def _place(self, batch: list[Message], hits: dict[int, int]) -> tuple[list[tuple[int, Message]], list[int]]:
         """Where each view message goes: a held message stays where it is; the others follow
-        the nearest held one before them (the aligned shift before the first). Ids ascend in the
+        the nearest held one before them (before the first, the first one after them). Ids ascend in the
         view's order; a held message that cannot keep its place is moved (its old id returned)."""
         placed: list[tuple[int, Message]] = []
         moved: list[int] = []
-        shift = self._shift
+        first = next((m.id for m in batch if m.id in hits), None)
+        shift = self._shift if first is None else hits[first] - first
         for message in batch:
             target = hits.get(message.id, message.id + shift)
             if placed and target <= placed[-1][0]:
@@ -314,13 +315,22 @@ class RingBuffer:
         gone.update(i for i, m in self._by_id.items() if i > high and not has_content(m))
         return gone
 
-    def _store(self, target: int, message: Message) -> None:
+    def _trim(self, shown: set[int]) -> None:
+        """Back to ``max_messages`` after a view: what agentapi shows goes last, oldest first."""
+        excess = len(self._by_id) - self.max_messages
+        if excess > 0:
+            order = sorted(self._by_id, key=lambda i: (i in shown, i))
+            for held_id in order[:excess]:
+                del self._by_id[held_id]
+            self.version += 1
+
+    def _store(self, target: int, message: Message, evict: bool = True) -> None:
         if message.id != target:
             message = replace(message, id=target)
         held = self._by_id.get(target)
         if held == message:
             return
-        if held is None and len(self._by_id) >= self.max_messages:
+        if evict and held is None and len(self._by_id) >= self.max_messages:
             oldest = min(self._by_id)
             if target < oldest:
                 return  # older than the window

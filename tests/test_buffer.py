@@ -9,7 +9,8 @@ T = "2026-01-01T00:00:00Z"
 
 
 def m(i, text="x", role="agent"):
-    return Message(i, role, text, T)
+    """Message ``i``; agentapi stamps each message with its own time (nanoseconds)."""
+    return Message(i, role, text, f"2026-01-01T00:00:00.{i:09d}Z")
 
 
 def test_rewrites_in_place_replace_the_message():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -84,6 +85,8 @@ def test_budget_is_used_when_messages_must_be_cut(messages, max_bytes):
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conversations(max_size=25), st.integers(1, 12), st.integers(1_024, CODERD_MAX_BODY))
 def test_ring_buffer_then_trim(messages, max_messages, max_bytes):
+    # agentapi stamps every message with its own time: the buffer tells messages apart by it.
+    messages = [replace(m, time=f"2026-01-01T00:00:00.{i:09d}Z") for i, m in enumerate(messages)]
     buffer = RingBuffer(max_messages, max_chars=max_bytes)
     for message in messages:
         buffer.apply(message)

@@ -1,0 +1,232 @@
+"""The merge rule as properties (hypothesis): a simulated agentapi 0.12 goes through restarts with
+and without its saved state (the late load behind the empty placeholder), ACP removals with
+gaps and reused ids, in-place rewrites, short and windowed views, huge ids and agentd restarts,
+while the ring buffer follows it through live updates and full views.
+
+Every message the simulation creates carries a unique tag (``<uN>``, N its creation order) at
+the start of its content, so "stored twice", "lost" and "out of order" can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agentd.buffer import RingBuffer
+from agentd.messages import Message
+
+INT64_MAX = 2**63 - 1
+TAG = re.compile(r"<u(\d+)>")
+
+
+def tag(message: Message) -> int | None:
+    m = TAG.match(message.content)
+    return int(m.group(1)) if m else None
+
+
+@dataclass
+class AgentAPI:
+    """What agentapi 0.12 shows: ``messages`` (its ids), plus a saved state and a late load."""
+
+    acp: bool = False
+    messages: list[Message] = field(default_factory=list)
+    next_id: int = 0
+    clock: int = 0
+    created: int = 0
+    saved: list[Message] | None = None
+    loading: list[Message] | None = None
+
+    def now(self) -> str:
+        self.clock += 1
+        return f"2026-01-01T00:00:{self.clock // 10**9:02d}.{self.clock % 10**9:09d}Z"
+
+    def add(self, role: str, text: str | None) -> Message | None:
+        if self.next_id > INT64_MAX or self.loading is not None:  # not ready before the late load
+            return None
+        if text is None:
+            content = ""
+        else:
+            self.created += 1
+            content = f"<u{self.created}> {text}"
+        message = Message(self.next_id, role, content, self.now())
+        self.messages.append(message)
+        self.next_id += 1
+        return message
+
+    def grow(self, text: str, restamp: bool) -> Message | None:
+        """Rewrite the newest message in place if it is the agent's (PTY restamps its time, ACP
+        does not); agentapi never rewrites a user message."""
+        if not self.messages or self.messages[-1].role != "agent":
+            return None
+        last = self.messages[-1]
+        if last.content:
+            content = last.content + text
+        else:  # the placeholder gets its first text: now it is a message of its own
+            self.created += 1
+            content = f"<u{self.created}> {text}"
+        grown = replace(last, content=content, time=self.now() if restamp else last.time)
+        self.messages[-1] = grown
+        return grown
+
+    def fail(self, reuse: bool) -> None:
+        """ACP: a failed prompt removes the empty agent placeholder, with no event."""
+        if self.messages and self.messages[-1].role == "agent" and not self.messages[-1].content:
+            self.messages.pop()
+            if reuse:
+                self.next_id -= 1
+
+    def restart(self, with_state: bool) -> None:
+        self.loading = list(self.saved) if with_state and self.saved is not None else None
+        self.messages, self.next_id = [], 0
+        if not self.acp:  # PTY: message 0, agent, empty, until the screen (or the saved state) shows
+            self.add("agent", None)
+
+    def load(self) -> list[Message]:
+        """The late load: the saved conversation appears with its ids and times, re-sent."""
+        if self.loading is None:
+            return []
+        self.messages, self.loading = self.loading, None
+        self.next_id = self.messages[-1].id + 1 if self.messages else 0
+        return list(self.messages)
+
+
+ops = st.one_of(
+    st.tuples(st.just("user"), st.text("abc─", min_size=1, max_size=5)),
+    st.tuples(st.just("agent"), st.text("xyz│", min_size=1, max_size=5)),
+    st.tuples(st.just("placeholder"), st.none()),
+    st.tuples(st.just("grow"), st.booleans()),
+    st.tuples(st.just("fail"), st.booleans()),
+    st.tuples(st.just("save"), st.none()),
+    st.tuples(st.just("restart"), st.booleans()),
+    st.tuples(st.just("load"), st.none()),
+    st.tuples(st.just("disconnect"), st.none()),
+    st.tuples(st.just("reconnect"), st.none()),
+    st.tuples(st.just("poll"), st.none()),
+    st.tuples(st.just("short"), st.none()),
+    st.tuples(st.just("huge"), st.integers(0, 3)),
+    st.tuples(st.just("agentd_restart"), st.none()),
+)
+
+
+@dataclass
+class Run:
+    api: AgentAPI
+    buffer: RingBuffer
+    connected: bool = True
+    trusted_view: bool = False  # the last step merged an honest full view
+
+    def deliver(self, *messages: Message | None) -> None:
+        if self.connected:
+            for message in messages:
+                if message is not None:
+                    self.buffer.apply(message)
+
+    def view(self, messages: list[Message]) -> None:
+        self.buffer.sync(messages)
+
+    def step(self, op: str, arg: object) -> None:
+        api, self.trusted_view = self.api, False
+        if op in ("user", "agent"):
+            self.deliver(api.add(op, str(arg)))
+        elif op == "placeholder":
+            self.deliver(api.add("agent", None))
+        elif op == "grow":
+            self.deliver(api.grow("+", restamp=bool(arg)))
+        elif op == "fail":
+            api.fail(reuse=bool(arg))
+        elif op == "save":
+            api.saved = list(api.messages)
+        elif op == "restart":
+            api.restart(with_state=bool(arg))
+            self.reconnect(api.messages[-self.buffer.max_messages :])
+        elif op == "load":
+            self.deliver(*api.load())
+        elif op == "disconnect":
+            self.connected = False
+        elif op == "reconnect":  # the tail keeps the replay's newest max_messages
+            self.reconnect(api.messages[-self.buffer.max_messages :])
+        elif op == "poll":
+            self.reconnect(list(api.messages))
+        elif op == "short" and len(api.messages) >= 2:  # a hostile final GET /messages (issue 8 case 9)
+            self.view(api.messages[:-1])
+        elif op == "huge":
+            api.next_id = max(api.next_id, INT64_MAX - int(arg))  # type: ignore[call-overload]
+        elif op == "agentd_restart":
+            again = RingBuffer(self.buffer.max_messages, self.buffer.max_chars)
+            again.restore(self.buffer.messages(), self.buffer.offset)
+            self.buffer = again
+            self.reconnect(api.messages[-again.max_messages :])
+
+    def reconnect(self, view: list[Message]) -> None:
+        self.connected = True
+        self.view(view)
+        self.trusted_view = True
+
+
+def check(run: Run) -> None:
+    buffer, api = run.buffer, run.api
+    held = buffer.messages()
+    ids = [m.id for m in held]
+    assert ids == sorted(set(ids)), "ids strictly ascending"
+    assert all(0 <= i <= INT64_MAX for i in ids), "ids within int64"
+    assert len(held) <= buffer.max_messages, "never longer than max_messages"
+    assert all(len(m.content) <= buffer.max_chars for m in held), "memory bounded per message"
+    assert len(getattr(buffer, "_aside", ())) <= buffer.max_messages, "updates set aside are bounded too"
+    assert buffer.offset >= 0
+    tags = [t for t in map(tag, held) if t is not None]
+    assert len(tags) == len(set(tags)), f"a message stored twice: {held}"
+    assert tags == sorted(tags), f"held messages out of the order agentapi created them: {held}"
+    if run.trusted_view:
+        shown = [m for m in api.messages[-buffer.max_messages :] if m.content]
+        by_tag = {tag(m): m for m in held}
+        kept = [m for m in shown if tag(m) in by_tag]
+        # The held copy is agentapi's, or a longer one of the same message (its saved state was older).
+        assert all(by_tag[tag(m)].content.startswith(m.content) for m in kept), "a held message not updated"
+        assert kept == shown[len(shown) - len(kept) :], "a message agentapi shows lost in the middle"
+        if shown:
+            assert kept and kept[-1] == shown[-1], "agentapi's newest message is held"
+        current = {tag(m) for m in api.messages}
+        if all(t in current for t in by_tag if t is not None):
+            assert kept == shown, "every message agentapi shows is held (within the last N)"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ops, max_size=60), st.integers(1, 6), st.booleans())
+def test_any_sequence_of_views_and_updates(steps, max_messages, acp):
+    run = Run(AgentAPI(acp=acp), RingBuffer(max_messages))
+    run.api.restart(with_state=False)  # agentapi starts: PTY shows message 0, ACP nothing
+    run.reconnect(run.api.messages)
+    for op, arg in steps:
+        run.step(op, arg)
+        check(run)
+    run.reconnect(list(run.api.messages))  # the final GET /messages at the stop
+    check(run)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ops, max_size=40), st.integers(1, 4), st.integers(1, 12))
+def test_memory_stays_bounded_with_clipped_messages(steps, max_messages, max_chars):
+    """Tiny ``max_chars``: every message is clipped (tags cut off), the bounds still hold."""
+    run = Run(AgentAPI(), RingBuffer(max_messages, max_chars=max_chars))
+    for op, arg in steps:
+        run.step(op, arg)
+        held = run.buffer.messages()
+        assert len(held) <= max_messages and all(len(m.content) <= max_chars for m in held)
+        assert [m.id for m in held] == sorted({m.id for m in held})
+        assert all(0 <= m.id <= INT64_MAX for m in held)
+
+
+@pytest.mark.parametrize("max_messages", [3, 10])
+def test_restart_with_state_late_load_stores_nothing_twice(max_messages):
+    run = Run(AgentAPI(), RingBuffer(max_messages))
+    for op, arg in [("restart", False), ("grow", True), ("user", "q1"), ("agent", "a1"), ("user", "q2"),
+                    ("agent", "a2"), ("save", None), ("restart", True), ("load", None), ("user", "q3"),
+                    ("poll", None)]:
+        run.step(op, arg)
+        check(run)
+    assert run.buffer.resets == 0
+    assert [m.content for m in run.buffer.messages()] == [m.content for m in run.api.messages][-max_messages:]
