@@ -36,7 +36,7 @@ class Message:
 
     ``id`` is the message's index in the conversation (0, 1, 2, ...). ``time`` is the RFC 3339
     string exactly as agentapi sent it (never re-formatted). ``content`` is valid Unicode with no
-    lone surrogates. ``elided`` counts leading characters already dropped by the ring buffer
+    lone surrogates and no U+0000. ``elided`` counts leading characters already dropped by the ring buffer
     (which never needs more of a message than fits in the body limit); the snapshot builder puts
     a visible marker where they were.
     """
@@ -63,12 +63,20 @@ def is_rfc3339(value: str) -> bool:
     return True
 
 
+#: What U+0000 becomes: coderd stores the snapshot in a PostgreSQL ``jsonb`` column, which
+#: rejects U+0000 (the upsert fails with 500, CONTRACT.md §1 Storage). Lone surrogates become it too.
+REPLACEMENT = "\ufffd"
+
+
 def clean_text(text: str) -> str:
-    """Return ``text`` as valid UTF-8-encodable Unicode.
+    """Return ``text`` as Unicode coderd can store: valid UTF-8, and no U+0000.
 
     JSON may carry lone UTF-16 surrogates (``"\\ud800"``), which cannot be sent as UTF-8:
-    surrogate pairs are joined into their code point, lone ones become U+FFFD.
+    surrogate pairs are joined into their code point, lone ones become U+FFFD. U+0000 (a
+    ``"\\u0000"`` escape) becomes U+FFFD too, since PostgreSQL's ``jsonb`` rejects it.
     """
+    if "\x00" in text:
+        text = text.replace("\x00", REPLACEMENT)
     try:
         text.encode("utf-8")
         return text
@@ -76,14 +84,19 @@ def clean_text(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-# A JSON text can only decode to a lone surrogate through a \uD800-\uDFFF escape.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# A JSON text can only decode to a lone surrogate through a \uD800-\uDFFF escape, and to U+0000
+# only through a \u0000 escape (JSON forbids raw control characters inside strings).
+_NEEDS_CLEANING = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
 
 
 def may_hold_surrogates(json_text: str) -> bool:
-    """False when decoding ``json_text`` (valid Unicode) cannot yield a surrogate: then
-    :func:`clean_text` has nothing to do (a scan of the raw text is ~200 x cheaper)."""
-    return _SURROGATE_ESCAPE.search(json_text) is not None
+    """False when decoding ``json_text`` (valid Unicode) cannot yield a surrogate or U+0000:
+    then :func:`clean_text` has nothing to do (a scan of the raw text is ~200 x cheaper).
+
+    Sound for text that :func:`json.loads` accepts in its default strict mode, which refuses
+    raw control characters (U+0000 included) inside strings.
+    """
+    return _NEEDS_CLEANING.search(json_text) is not None
 
 
 def parse_message(obj: Any, *, content_key: str = "content", clean: bool = True) -> Message:

@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentd.messages import InvalidMessage, is_rfc3339, parse_message, parse_messages
+from agentd.messages import (
+    REPLACEMENT,
+    InvalidMessage,
+    clean_text,
+    is_rfc3339,
+    may_hold_surrogates,
+    parse_message,
+    parse_messages,
+)
 
 GOOD = {"id": 3, "role": "agent", "content": "hi", "time": "2026-01-01T00:00:00.123456789Z"}
 
@@ -78,12 +86,39 @@ def test_rfc3339(value, ok):
 
 @given(st.text(alphabet=st.characters(categories=["Cs", "Cc", "Ll", "So", "Po"])), st.booleans())
 def test_surrogate_prescan_never_misses_one(text, ascii_only):
-    """The SSE hot path skips clean_text when the raw JSON has no surrogate escape: sound for any text."""
-    from agentd.messages import may_hold_surrogates
-
+    """The SSE hot path skips clean_text when the raw JSON has no surrogate or NUL escape: sound
+    for any text (Cc includes U+0000)."""
     # What the tail sees: bytes off the wire, decoded as UTF-8 with replacement (as httpx does).
     wire = json.dumps({"message": text}, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
     raw = wire.decode("utf-8", "replace")
     decoded = json.loads(raw)["message"]
     if not may_hold_surrogates(raw):
         assert not any(0xD800 <= ord(ch) <= 0xDFFF for ch in decoded)
+        assert "\x00" not in decoded
+
+
+@given(st.text(alphabet=st.characters(categories=["Cs", "Cc", "Lu", "So", "Zs"])))
+def test_clean_text_leaves_nothing_coderd_cannot_store(text):
+    cleaned = clean_text(text)
+    cleaned.encode("utf-8")  # strict: no lone surrogate left
+    assert "\x00" not in cleaned, "PostgreSQL jsonb rejects U+0000"
+    if "\x00" not in text and not any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):
+        assert cleaned is text, "clean text passes through untouched"
+    assert len(cleaned) <= len(text)
+
+
+@given(st.text(alphabet=st.sampled_from(["\x00", "a", "─", "\ud800", "\udf89", "\ud83c"]), max_size=40), st.booleans())
+def test_nul_and_surrogates_from_the_wire_become_replacement_characters(text, ascii_only):
+    """Through the tail's path (raw JSON, prescan, parse): what reaches the buffer is storable."""
+    raw = json.dumps({"id": 0, "role": "agent", "message": text, "time": "2026-01-01T00:00:00Z"}, ensure_ascii=ascii_only)
+    raw = raw.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    message = parse_message(json.loads(raw), content_key="message", clean=may_hold_surrogates(raw))
+    message.content.encode("utf-8")
+    assert "\x00" not in message.content
+    assert message.content.count(REPLACEMENT) >= text.count("\x00")
+
+
+def test_nul_becomes_a_replacement_character():
+    raw = json.loads('{"id":0,"role":"agent","content":"a\\u0000b","time":"2026-01-01T00:00:00Z"}')
+    assert parse_message(raw).content == "a\ufffdb"
+    assert may_hold_surrogates('{"content":"a\\u0000b"}')
