@@ -15,7 +15,13 @@ sizes here are always the encoded bytes actually sent, never characters. The pol
 3. The newest message is always present; if it alone is too big, it is the one that is cut.
 4. A cut starts at a line boundary when one is within the first 256 characters of the kept
    tail (terminal screens read better that way), and never inside a code point.
-5. An empty conversation yields no snapshot: uploading it would replace a good stored one.
+5. A conversation with nothing in it (no messages, or only empty placeholders) yields no
+   snapshot: uploading it would replace a good stored one.
+6. When the newest message is the agent's and must be cut, the question it answers (the
+   newest user message before it) is kept too, in front of it: whole if it takes at most
+   :func:`question_share` of the budget (1/8), else cut the same way to exactly that share.
+   The answer's tail fills the rest, so the 90 % fill is unchanged. Messages between the
+   two are left out.
 """
 
 from __future__ import annotations
@@ -46,12 +52,15 @@ class Snapshot:
     """A ready request body and what it holds.
 
     ``body`` is the exact bytes to POST (``len(body) <= max_bytes``); ``message_ids`` the ids
-    it carries, ascending; ``truncated_id`` the id of the message whose head was cut, if any.
+    it carries, ascending; ``truncated_id`` the id of the message whose head was cut, if any;
+    ``question_id`` the id of the user's message kept beside a cut answer (rule 6), which may
+    carry a cut of its own (its content then starts with the marker).
     """
 
     body: bytes
     message_ids: tuple[int, ...]
     truncated_id: int | None
+    question_id: int | None = None
 
     @property
     def size(self) -> int:
@@ -78,7 +87,7 @@ def encode_message(message: Message, content: str | None = None) -> bytes:
     return (
         f'{{"id":{message.id},"content":{_json_str(text)},'
         f'"role":{_json_str(message.role)},"time":{_json_str(message.time)}}}'
-    ).encode("utf-8")
+    ).encode()
 
 
 def _tail_start(text: str, budget: int) -> int:
@@ -127,14 +136,34 @@ def _cut(message: Message, room: int, min_tail: int) -> bytes | None:
 def build_snapshot(messages: Sequence[Message], max_bytes: int = CODERD_MAX_BODY) -> Snapshot | None:
     """Build the request body from ``messages`` (ids ascending, as the ring buffer holds them).
 
-    Returns None for an empty conversation. The result is at most ``max_bytes`` bytes for any
-    content. Raises ValueError if ``max_bytes`` is below :data:`MIN_MAX_BYTES`.
+    Returns None for a conversation with nothing in it (no messages, or only empty
+    placeholders). The result is at most ``max_bytes`` bytes for any content. Raises ValueError
+    if ``max_bytes`` is below :data:`MIN_MAX_BYTES`.
     """
     if max_bytes < MIN_MAX_BYTES:
         raise ValueError(f"max_bytes must be at least {MIN_MAX_BYTES}, got {max_bytes}")
-    if not messages:
+    if not any(m.content or m.elided for m in messages):
         return None
     budget = max_bytes - len(_HEAD) - len(_TAIL)
+    kept = _with_question(messages, budget)
+    if kept is None:
+        kept = _newest_first(messages, budget)
+    if kept is None:  # the newest message's envelope alone is over the limit (a huge id or time)
+        return None
+    parts, ids, truncated_id, question_id = kept
+    return Snapshot(
+        body=_HEAD + b",".join(parts) + _TAIL,
+        message_ids=tuple(ids),
+        truncated_id=truncated_id,
+        question_id=question_id,
+    )
+
+
+_Kept = tuple[list[bytes], list[int], int | None, int | None]  # parts, ids, truncated_id, question_id
+
+
+def _newest_first(messages: Sequence[Message], budget: int) -> _Kept | None:
+    """Rules 1-3: whole messages newest first, then the tail of the first that does not fit."""
     parts: list[bytes] = []
     ids: list[int] = []
     truncated_id = None
@@ -153,8 +182,35 @@ def build_snapshot(messages: Sequence[Message], max_bytes: int = CODERD_MAX_BODY
             ids.append(message.id)
             truncated_id = message.id
         break
-    if not parts:  # the newest message's envelope alone is over the limit (a huge id or time)
+    if not parts:
         return None
     parts.reverse()
     ids.reverse()
-    return Snapshot(body=_HEAD + b",".join(parts) + _TAIL, message_ids=tuple(ids), truncated_id=truncated_id)
+    return parts, ids, truncated_id, None
+
+
+def question_share(budget: int) -> int:
+    """Bytes the question may take beside a cut answer: 1/8 of ``budget``, at least 512 bytes
+    (room for a short question's envelope and marker), at most half of it."""
+    return min(max(budget // 8, 512), budget // 2)
+
+
+def _with_question(messages: Sequence[Message], budget: int) -> _Kept | None:
+    """Rule 6: when the newest message is the agent's and must be cut, the user's message it
+    answers (the newest user message before it) goes first, whole or cut to
+    :func:`question_share`; the answer's tail fills the rest. None when this does not apply."""
+    answer = messages[-1]
+    if answer.role != "agent" or (not answer.elided and len(encode_message(answer)) <= budget):
+        return None
+    question = next((m for m in reversed(messages[:-1]) if m.role == "user"), None)
+    if question is None:
+        return None
+    whole = encode_message(question) if not question.elided else None
+    share = question_share(budget)
+    asked = whole if whole is not None and len(whole) <= share else _cut(question, share, 0)
+    if asked is None:
+        return None
+    cut = _cut(answer, budget - len(asked) - 1, 0)
+    if cut is None:
+        return None
+    return [asked, cut], [question.id, answer.id], answer.id, question.id
