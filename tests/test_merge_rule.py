@@ -230,3 +230,110 @@ def test_restart_with_state_late_load_stores_nothing_twice(max_messages):
         check(run)
     assert run.buffer.resets == 0
     assert [m.content for m in run.buffer.messages()] == [m.content for m in run.api.messages][-max_messages:]
+
+
+# -- the numbered cases of issue 8, one by one ---------------------------------------------------
+
+
+def msg(i: int, role: str, text: str, second: int) -> Message:
+    return Message(i, role, text, f"2026-01-01T00:00:{second:02d}.000000001Z")
+
+
+OLD = [msg(0, "agent", "welcome", 0), msg(1, "user", "q1", 1), msg(2, "agent", "a1", 2)]
+
+
+def held(buffer: RingBuffer) -> list[tuple[int, str]]:
+    return [(m.id, m.content) for m in buffer.messages()]
+
+
+def test_case_1_restart_with_state_behind_the_placeholder_stores_nothing_twice():
+    buffer = RingBuffer(10)
+    buffer.sync(OLD)
+    assert buffer.sync([msg(0, "agent", "", 30)]) is False, "the lone placeholder is not a restart"
+    for message in OLD:  # the late load re-sends 0..2 with their ids and times
+        buffer.apply(message)
+    buffer.apply(msg(3, "user", "q2", 31))
+    buffer.sync([*OLD, msg(3, "user", "q2", 31)])
+    assert held(buffer) == [(0, "welcome"), (1, "q1"), (2, "a1"), (3, "q2")]
+    assert buffer.resets == 0
+
+
+def test_case_1_the_late_load_of_a_long_conversation_sets_old_updates_aside():
+    """Updates older than the window arrive first in a late load: they are neither stored nor
+    taken for a new conversation; the first held one settles it."""
+    conversation = [msg(i, "user" if i % 2 else "agent", f"m{i}", i) for i in range(12)]
+    buffer = RingBuffer(4)
+    buffer.sync(conversation)
+    buffer.sync([msg(0, "agent", "", 40)])
+    for message in conversation:
+        buffer.apply(message)
+    assert held(buffer) == [(i, f"m{i}") for i in range(8, 12)] and buffer.resets == 0
+
+
+def test_restart_without_state_is_appended_after_the_held_conversation():
+    buffer = RingBuffer(10)
+    buffer.sync(OLD)
+    buffer.sync([msg(0, "agent", "", 30)])  # PTY start: the placeholder
+    buffer.apply(msg(0, "agent", "welcome again", 31))  # the agent's screen: the placeholder rewritten
+    buffer.apply(msg(1, "user", "fresh question", 32))
+    buffer.sync([msg(0, "agent", "welcome again", 31), msg(1, "user", "fresh question", 32)])
+    assert held(buffer) == [*((m.id, m.content) for m in OLD), (3, "welcome again"), (4, "fresh question")]
+    assert buffer.resets == 1
+
+
+def test_case_5_acp_removal_leaves_a_gap_and_the_view_is_the_truth_for_its_range():
+    buffer = RingBuffer(10)
+    live = [msg(0, "user", "q1", 0), msg(1, "agent", "a1", 1), msg(2, "user", "q2", 2), msg(3, "agent", "", 3)]
+    for message in live:
+        buffer.apply(message)
+    # The prompt failed: agentapi removed the placeholder (no event); the next prompt got ids 4, 5.
+    view = [*live[:3], msg(4, "user", "q3", 4), msg(5, "agent", "a3", 5)]
+    buffer.sync(view)
+    assert held(buffer) == [(0, "q1"), (1, "a1"), (2, "q2"), (4, "q3"), (5, "a3")]
+    # Removed at the end (ids reused later): the stale placeholder goes too.
+    buffer.apply(msg(6, "user", "q4", 6))
+    buffer.apply(msg(7, "agent", "", 7))
+    buffer.sync([*view, msg(6, "user", "q4", 6)])
+    assert [i for i, _ in held(buffer)] == [0, 1, 2, 4, 5, 6]
+
+
+def test_case_8_the_pty_start_placeholder_is_held_until_the_screen_replaces_it():
+    buffer = RingBuffer(10)
+    buffer.sync([msg(0, "agent", "", 0)])
+    assert held(buffer) == [(0, "")]
+    buffer.apply(msg(0, "agent", "welcome", 1))
+    assert held(buffer) == [(0, "welcome")] and buffer.resets == 0
+
+
+def test_case_9_a_final_view_one_message_short_renumbers_nothing():
+    buffer = RingBuffer(10)
+    stream = [msg(i, "user" if i % 2 else "agent", f"message {i}", i) for i in range(10)]
+    for message in stream:
+        buffer.apply(message)
+    buffer.sync(stream[:9])
+    assert held(buffer) == [(i, f"message {i}") for i in range(10)] and buffer.resets == 0
+
+
+def test_case_10_huge_ids_then_a_restart_stay_within_int64():
+    buffer = RingBuffer(10)
+    buffer.sync([msg(INT64_MAX - 1, "user", "q", 0), msg(INT64_MAX, "agent", "a", 1)])
+    buffer.sync([msg(0, "user", "after the restart", 2)])  # a reconnect to a new conversation
+    buffer.apply(msg(1, "agent", "answer", 3))
+    assert held(buffer) == [(0, "q"), (1, "a"), (2, "after the restart"), (3, "answer")]
+    assert buffer.offset == 2
+    buffer.sync([msg(0, "user", "after the restart", 2), msg(1, "agent", "answer", 3)])  # replayed: same
+    assert len(buffer) == 4 and buffer.newest_id == 3
+
+
+def test_an_agentd_restart_recognises_the_conversation_it_saved():
+    buffer = RingBuffer(10)
+    buffer.sync(OLD)
+    buffer.sync([])  # agentapi (ACP) came back empty
+    buffer.apply(msg(0, "user", "new", 10))
+    buffer.apply(msg(1, "agent", "reply", 11))
+    again = RingBuffer(10)
+    again.restore(buffer.messages(), buffer.offset)
+    again.sync([msg(0, "user", "new", 10), msg(1, "agent", "reply", 11)])  # the replay after agentd's restart
+    assert held(again) == held(buffer) == [(0, "welcome"), (1, "q1"), (2, "a1"), (3, "new"), (4, "reply")]
+    again.apply(msg(2, "user", "one more", 12))
+    assert again.newest_id == 5
