@@ -13,33 +13,37 @@ character costs at least one byte in the body, so no message ever needs more tha
 
 The merge rule (README, "The merge rule") recognises the conversation by its content, not by
 id arithmetic alone. agentd's ids are agentapi's plus a shift (:attr:`RingBuffer.offset`), which
-is only ever changed by one of these facts:
+only these facts change:
 
 1. **Same message.** An incoming message with the same ``role``, the same ``time`` and the same
-   or a growing content (or an older copy of it: a saved state is older than the screen) as
-   a held one *is* that message, whatever ids surround it; the longer copy is kept: the shift is
-   re-derived from it (agentapi restarted with ``--state-file``, or agentd restarted). Only
-   agentapi's newest message, the agent's, is rewritten in place, with a new ``time``: an
-   agent update for the newest held id (an agent message) replaces it.
-2. **No evidence.** A view with no content at all and no held message (empty, or only new empty
-   placeholders: agentapi's message 0 shown until it loads its saved state, CONTRACT.md §2
-   "Late state load") changes nothing; it only puts the buffer on guard until content arrives. Updates older than the
-   held window are then set aside (at most N) until the next one tells which case it is.
-3. **New conversation.** Content that contradicts the held messages (a different message at or
-   before a held message with content, other than a rewrite of the newest agent message, a view with content ending before the newest held message
-   and sharing none of it, or any content after a "no evidence" view that is not a held
-   message) is agentapi restarted without its state: its messages are numbered after the held
-   ones, which stay.
-4. **A full view is the truth for its range.** A held message that sits between two of the
-   view's messages numbered alike, at an id the view lacks, is dropped (agentapi's ACP
-   transport removes a failed prompt's empty placeholder with no event), and so is an empty
-   placeholder after the view's newest message. Held messages older than the range stay, and
-   so does held content newer than it (a final ``GET /messages`` one message short never
-   renumbers or duplicates anything) or between two conversations' numberings, as long as
-   there is room: when the window is full, the view's own messages are kept first.
+   or a growing content (or an older copy: a saved state can be older than the screen) as a
+   held one *is* that message, whatever ids surround it; the longer copy is kept and the shift
+   is re-derived from it (agentapi restarted with ``--state-file``, or agentd restarted). Only
+   agentapi's newest agent message is rewritten in place, with a new ``time``: an agent update
+   for the newest held id replaces it. User messages are never rewritten.
+2. **No evidence.** A view with no content and none of the held messages (empty, or only a new
+   empty placeholder: agentapi's message 0 until it loads its saved state, CONTRACT.md §2
+   "Late state load") changes nothing; it puts the buffer on guard until content arrives.
+   Updates older than the held window are then set aside (at most N) until one that is not
+   tells which case it is.
+3. **New conversation.** Content that contradicts the held messages is agentapi restarted
+   without its state: a different message at or before a held message with content (other
+   than that rewrite), a view with content ending before the newest held message and sharing
+   none of it, or any content after a "no evidence" view that is not a held message. Its
+   messages are numbered after the held ones, which stay.
+4. **A full view is the truth for its range.** A held message between two of the view's
+   messages numbered alike, at an id the view lacks, is dropped (agentapi's ACP transport
+   removes a failed prompt's empty placeholder with no event), and so is an empty placeholder
+   after the view's newest message. Held messages older than the view stay, and so does held
+   content newer than it (a final ``GET /messages`` one message short renumbers and
+   duplicates nothing) or between two conversations' numberings; when the window is full,
+   the view's own messages are kept first.
 5. **int64.** If agentapi's ids would push an id outside 0 .. 2**63-1 (coderd decodes ``id`` as an
-   int64), all held messages are renumbered compactly 0, 1, 2, ... in their order, and the shift
-   follows the message just stored.
+   int64), all held messages are renumbered 0, 1, 2, ... in their order, and the shift follows
+   the message just stored.
+
+The premise is agentapi's: two different messages never share role, time and text (it stamps
+each with nanoseconds).
 """
 
 from __future__ import annotations
