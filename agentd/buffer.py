@@ -71,6 +71,9 @@ def same_message(held: Message, incoming: Message) -> bool:
         return False
     held_end = held.elided + len(held.content)
     incoming_end = incoming.elided + len(incoming.content)
+    if held.elided == incoming.elided == 0:  # the usual case, without copying the text
+        shorter, longer = sorted((held.content, incoming.content), key=len)
+        return longer.startswith(shorter)
     start = max(held.elided, incoming.elided)  # compare where both hold the text
     end = min(held_end, incoming_end)
     if start >= end:
@@ -156,6 +159,10 @@ class RingBuffer:
         """
         version = self.version
         message = self.clip(message)
+        if self._rewrites_newest(message):  # the hot path: the agent typing, many times a second
+            target = message.id + self._shift
+            self._store(target, message)
+            return self.version != version
         found = self._find(message)
         if found is not None:  # rule 1, whatever its id says
             self._shift = found - message.id
@@ -200,13 +207,22 @@ class RingBuffer:
             by_id[message.id] = message  # the last one wins, as with updates
         return [self.clip(by_id[i]) for i in sorted(by_id)[-size:]]
 
+    def _rewrites_newest(self, message: Message) -> bool:
+        """True for an agent update of the newest held id, an agent message, when no other held
+        message has its role and time (so rule 1 cannot place it elsewhere)."""
+        target = message.id + self._shift
+        held = self._by_id.get(target)
+        if self._guard or held is None or held.role != "agent" or message.role != "agent" or target != self.newest_id:
+            return False
+        return not any(h.time == message.time and h.role == message.role for i, h in self._by_id.items() if i != target)
+
     def _find(self, message: Message) -> int | None:
         """The held id of ``message`` by rule 1, preferring the one its id maps to."""
         target = message.id + self._shift
         held = self._by_id.get(target)
         if held is not None and same_message(held, message):
             return target
-        found = [i for i, h in self._by_id.items() if same_message(h, message)]
+        found = [i for i, h in self._by_id.items() if h.time == message.time and same_message(h, message)]
         return max(found) if found else None
 
     def _matches(self, batch: list[Message]) -> dict[int, int]:
