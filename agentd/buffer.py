@@ -20,7 +20,7 @@ only these facts change:
    held one *is* that message, whatever ids surround it; the longer copy is kept and the shift
    is re-derived from it (agentapi restarted with ``--state-file``, or agentd restarted). Only
    agentapi's newest agent message is rewritten in place, with a new ``time``: an agent update
-   for the newest held id replaces it. User messages are never rewritten.
+   for the newest held message with content replaces it. User messages are never rewritten.
 2. **No evidence.** A view with no content and none of the held messages (empty, or only a new
    empty placeholder: agentapi's message 0 until it loads its saved state, CONTRACT.md §2
    "Late state load") changes nothing; it puts the buffer on guard until content arrives.
@@ -212,9 +212,14 @@ class RingBuffer:
         message has its role and time (so rule 1 cannot place it elsewhere)."""
         target = message.id + self._shift
         held = self._by_id.get(target)
-        if self._guard or held is None or held.role != "agent" or message.role != "agent" or target != self.newest_id:
+        if self._guard or held is None or held.role != "agent" or message.role != "agent" or not self._last_written(target):
             return False
         return not any(h.time == message.time and h.role == message.role for i, h in self._by_id.items() if i != target)
+
+    def _last_written(self, target: int) -> bool:
+        """True if nothing but empty placeholders is held after ``target`` (agentapi's ACP
+        transport may have removed them without an event)."""
+        return all(not has_content(h) for i, h in self._by_id.items() if i > target)
 
     def _find(self, message: Message) -> int | None:
         """The held id of ``message`` by rule 1, preferring the one its id maps to."""
@@ -260,7 +265,7 @@ class RingBuffer:
         """A live update that is no held message; returns the id it went to (or would have)."""
         target = message.id + self._shift
         held = self._by_id.get(target)
-        rewrite = target == self.newest_id and held is not None and held.role == message.role == "agent"
+        rewrite = held is not None and held.role == message.role == "agent" and self._last_written(target)
         judged = bool(self._by_id) and target >= min(self._by_id)  # below the window: nothing to compare
         if judged and not rewrite and any(has_content(h) for i, h in self._by_id.items() if i >= target):
             if not has_content(message):
