@@ -241,15 +241,18 @@ class RingBuffer:
 
     def _contradicts(self, batch: list[Message]) -> bool:
         """Rule 3 for a view sharing no held message: does it show another conversation?"""
-        newest = self.newest_id
-        if newest is None:
+        written = [i for i, h in self._by_id.items() if has_content(h)]
+        if not written:
             return False
-        if batch[-1].id + self._shift < newest:
+        last = max(written)
+        if batch[-1].id + self._shift < last:
             return True  # a shorter view: agentapi started over
         for message in batch:
             target = message.id + self._shift
             held = self._by_id.get(target)
-            if held is not None and target != newest and has_content(held) and has_content(message):
+            if held is None or not has_content(held) or not has_content(message):
+                continue
+            if not (target == last and held.role == message.role == "agent"):  # other than the rewrite
                 return True
         return False
 
