@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import report
@@ -52,7 +52,7 @@ def _machine() -> str:
         pass
     load = os.getloadavg()[0]
     return (
-        f"{datetime.now(timezone.utc):%Y-%m-%d}, {cpu}, {os.cpu_count()} cores, "
+        f"{datetime.now(UTC):%Y-%m-%d}, {cpu}, {os.cpu_count()} cores, "
         f"Linux {platform.release()}, Python {platform.python_version()}; load average {load:.2f} at the start"
     )
 

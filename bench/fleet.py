@@ -41,7 +41,6 @@ from agentd.coderd import CoderdUploader
 from agentd.messages import Message
 from agentd.snapshot import Snapshot, build_snapshot
 from agentd.testing import conversations
-
 from bench.common import TOKEN, BenchError, cpu_seconds
 
 #: Docker's and Kubernetes' grace periods, with the shutdown_timeout agentd is given in each.
@@ -205,7 +204,7 @@ async def _simulate(
     # One TLS context for all: httpx would load the CA bundle once per client (1 000 x 1 MiB).
     tls = ssl.create_default_context()
     clients = [httpx.AsyncClient(verify=tls, trust_env=False, timeout=5.0) for _ in tasks]
-    uploaders = [factory(client, url, task) for client, task in zip(clients, tasks)]
+    uploaders = [factory(client, url, task) for client, task in zip(clients, tasks, strict=True)]
     for uploader in uploaders:
         _trace(uploader, run, lambda: start)
     go = anyio.Event()
@@ -235,7 +234,7 @@ async def _simulate(
 
     try:
         async with anyio.create_task_group() as tg:
-            for uploader, body in zip(uploaders, bodies):
+            for uploader, body in zip(uploaders, bodies, strict=True):
                 tg.start_soon(one, uploader, body)
             await anyio.sleep(0.2)  # every task waiting on `go`
             tg.start_soon(watch_lag)
@@ -309,7 +308,7 @@ def timeline(run: FleetRun, step: float = 1.0) -> str:
 
 def quiet_logs() -> None:
     """The uploaders log every 503 at info level: keep only errors, and send them nowhere."""
-    logs.configure("json", "error", open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
+    logs.configure("json", "error", open(os.devnull, "w"))
 
 
 def main(argv: list[str] | None = None) -> None:  # pragma: no cover - ad hoc runs

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agentd.testing import conversations
-
 from bench.common import (
     TOKEN,
     Agentd,
@@ -184,7 +183,7 @@ def ingest(standins: Standins, runs: int, events: int = 1000, size: int = 64 * K
                 raise BenchError("agentd did not take in the updates within 60 s")
             cpu.add(last - before)
             wall.add(done_at - started)
-            stopped, status = stop(agentd)
+            _stopped, status = stop(agentd)
             require(status == 0, f"agentd exited {status}")
             agentd.check_token_not_printed()
             stored = standins.stored(agentd.task)
@@ -227,7 +226,7 @@ def footprint(standins: Standins, processes: int, idle: float) -> Footprint:
         started = time.perf_counter()
         time.sleep(idle)
         elapsed = time.perf_counter() - started
-        for agentd, cpu0 in zip(daemons, before):
+        for agentd, cpu0 in zip(daemons, before, strict=True):
             result.cpu.add((cpu_seconds(agentd.pid) - cpu0) / elapsed * 100)
             result.rss.add(rss_bytes(agentd.pid))
             result.private.add(_status_kib(agentd.pid, "RssAnon"))
@@ -287,4 +286,4 @@ def import_footprint() -> list[tuple[str, float]]:
     ])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     sizes = json.loads(done.stdout)
-    return [(name, size - (sizes[i - 1] if i else 0)) for i, ((name, _), size) in enumerate(zip(_IMPORT_STEPS, sizes))]
+    return [(name, size - (sizes[i - 1] if i else 0)) for i, ((name, _), size) in enumerate(zip(_IMPORT_STEPS, sizes, strict=False))]

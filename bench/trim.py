@@ -14,7 +14,6 @@ from collections.abc import Callable
 from agentd.buffer import RingBuffer
 from agentd.messages import Message
 from agentd.snapshot import CODERD_MAX_BODY, build_snapshot
-
 from bench.common import Series, require
 from bench.content import MiB, ascii_text, esc_heavy, screen_text
 

@@ -9,6 +9,7 @@ socket's wire format, its state file or what coderd received.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import tempfile
 import time
 import uuid
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +232,7 @@ def assert_no_token(*texts: str) -> None:
 
 
 def parse_iso(text: str) -> float:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
 def one_line(stdout: str) -> str:
@@ -525,7 +526,7 @@ async def test_checkpoints_are_rate_limited_and_a_later_change_is_sent_at_shutdo
         # One at once, then at most one an interval (1 s) for as long as the burst lasted.
         most = 3 + int(burst_end - start)
         assert 2 <= len(posts) <= most, f"{len(posts)} checkpoints for 10 turns in {burst_end - start:.2f} s"
-        gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         assert all(g >= 0.9 for g in gaps), f"checkpoints closer than the interval: {gaps}"
 
         api.add_message("user", "a change after the last checkpoint")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -31,17 +32,13 @@ def test_daemon_notifies_and_pings_the_watchdog(tmp_path):
     try:
         end = time.monotonic() + 10
         while time.monotonic() < end and not any(m == "READY=1" for _, m in received):
-            try:
+            with contextlib.suppress(TimeoutError):
                 received.append((time.monotonic(), sink.recv(4096).decode()))
-            except TimeoutError:
-                pass
         ready_at = next(t for t, m in received if m == "READY=1")
         end = ready_at + 2.0
         while time.monotonic() < end:
-            try:
+            with contextlib.suppress(TimeoutError):
                 received.append((time.monotonic(), sink.recv(4096).decode()))
-            except TimeoutError:
-                pass
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=15)
         while True:
