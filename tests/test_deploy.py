@@ -10,18 +10,24 @@ The systemd checks run the real ``systemd-analyze`` (skipped where it is not ins
   verifies the real file and accepts only that one "not executable" complaint, and a third
   proves the method can see problems at all by planting an unknown directive.
 
-The Dockerfile cannot be built here (no Docker engine), so it is checked statically.
+The Dockerfile is built and run for real, and the unit booted under a real systemd, by
+``make deploy-test`` (``deploy/deploy_test.py``; as root on Debian, and in CI after ``make
+test``). The checks here are the static half, so a broken deployment file shows up in ``make
+test`` too, on any machine; the last ones check that script's own parts and its skip path.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -30,6 +36,12 @@ UNIT = ROOT / "systemd" / "agentd.service"
 ENV_EXAMPLE = ROOT / "systemd" / "agentd.env.example"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+README = ROOT / "README.md"
+DEPLOY_TEST = ROOT / "deploy" / "deploy_test.py"
+IMAGE_UID = "10001"
+# `agentd status` took up to 4 s on a busy 2-core machine (make deploy-test prints it): a probe
+# timeout must leave a wide margin above that.
+MIN_PROBE_TIMEOUT = 10.0
 
 MAX_EXPOSURE = 1.5
 DOCKER_STOP_TIMEOUT = 10.0  # `docker stop` default: SIGKILL 10 s after STOPSIGNAL
@@ -372,24 +384,49 @@ def test_env_example_matches_the_settings_code(env_example: str) -> None:
 # ---- Dockerfile --------------------------------------------------------------------------------
 
 
-def test_dockerfile_is_multi_stage_wheel_then_slim(docker: list[tuple[str, str]]) -> None:
+def dockerfile_args(instructions: list[tuple[str, str]]) -> dict[str, str | None]:
+    """ARG lines -> {name: default or None}."""
+    out: dict[str, str | None] = {}
+    for word, rest in instructions:
+        if word == "ARG":
+            name, sep, value = rest.partition("=")
+            out[name.strip()] = value.strip() if sep else None
+    return out
+
+
+def test_dockerfile_is_multi_stage_venv_then_copy(docker: list[tuple[str, str]]) -> None:
+    """Build stage: a venv under /opt/agentd; final stage: only that venv, copied (no wheels
+    left in a layer, no pip, no registry access)."""
     froms = [args for word, args in docker if word == "FROM"]
     assert len(froms) >= 2, froms
-    args = {
-        key: value
-        for word, rest in docker
-        if word == "ARG" and "=" in rest
-        for key, _, value in [rest.partition("=")]
-    }
-    final_image = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), froms[-1])
-    assert final_image.split()[0] == "python:3.11-slim", final_image
-    build_stages = docker[: len(docker) - len(final_stage(docker))]
+    global_args = dockerfile_args(docker[: next(i for i, (w, _) in enumerate(docker) if w == "FROM")])
+    assert global_args.get("BASE_IMAGE") == "python:3.11-slim", global_args
+    assert froms[0].split()[0] == froms[-1].split()[0] == "${BASE_IMAGE}", "both stages share the base"
+    stage = final_stage(docker)
+    build_stages = docker[: len(docker) - len(stage)]
     build_runs = " ".join(a for w, a in build_stages if w == "RUN")
-    assert "pip wheel" in build_runs
-    final_runs = [a for w, a in final_stage(docker) if w == "RUN"]
-    install = [run for run in final_runs if "pip install" in run]
-    assert install and all("--no-index" in run for run in install), "install only the built wheel"
-    assert not any(w == "COPY" and " . " in f" {a} " for w, a in final_stage(docker))
+    assert "-m venv /opt/agentd" in build_runs and "pip install ." in build_runs
+    assert not any(w == "RUN" and "pip install" in a for w, a in stage), "no pip in the final stage"
+    copies = [a for w, a in stage if w == "COPY"]
+    assert copies == ["--from=build /opt/agentd /opt/agentd"], copies
+    assert "/tmp/wheels" not in " ".join(a for _, a in stage)
+    assert "/opt/agentd/bin" in docker_env(stage)["PATH"].split(":")[0]
+
+
+def test_dockerfile_has_no_syntax_directive() -> None:
+    """``# syntax=`` makes BuildKit fetch a frontend image from Docker Hub: offline builds fail."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE)
+
+
+def test_dockerfile_build_args_reach_the_build_stage_only(docker: list[tuple[str, str]]) -> None:
+    stage = final_stage(docker)
+    build_args = dockerfile_args(docker[: len(docker) - len(stage)])
+    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "EXTRA_CA"):
+        assert name in build_args, f"ARG {name} missing from the build stage"
+    assert not dockerfile_args(stage), "the final stage must not see the index URLs or the CA"
+    runs = " ".join(a for w, a in docker if w == "RUN")
+    assert "update-ca-certificates" in runs and "PIP_CERT=" in runs
 
 
 def test_dockerfile_runs_as_non_root(docker: list[tuple[str, str]]) -> None:
@@ -425,7 +462,7 @@ def test_dockerfile_healthcheck_is_agentd_status(docker: list[tuple[str, str]]) 
     assert json.loads(rest[4:]) == ["agentd", "status"]
     interval = timespan(flags.get("interval", "30s"))
     timeout = timespan(flags.get("timeout", "30s"))
-    assert 0 < timeout < interval <= 120
+    assert MIN_PROBE_TIMEOUT <= timeout < interval <= 120
 
 
 def test_dockerfile_state_dir_is_writable_by_the_user(docker: list[tuple[str, str]]) -> None:
@@ -447,3 +484,88 @@ def test_dockerignore_keeps_the_context_small_but_complete() -> None:
         assert needed in patterns, f"{needed} should be excluded"
     for source in ("pyproject.toml", "agentd", "agentd/", "*"):
         assert source not in patterns, f"{source} is needed to build the wheel"
+
+
+# ---- README: the Docker and Kubernetes forms -------------------------------------------------
+
+
+def readme_sh_block(after: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    match = re.compile(r"```sh\n(.*?)```", re.DOTALL).search(text, text.index(after))
+    assert match, f"no sh block after {after!r}"
+    return match.group(1).replace("\\\n", " ")
+
+
+@pytest.mark.parametrize("form", ["As a **sidecar**", "As the **entrypoint"])
+def test_readme_docker_token_is_readable_by_the_image_user(form: str) -> None:
+    """The systemd steps leave /etc/agentd/agent-token root:root 0600, which uid 10001 cannot
+    read (agentd exits 78): the container mounts a copy owned by, or group-readable for, 10001."""
+    sidecar = readme_sh_block("As a **sidecar**")
+    install = re.search(r"install (.*) /etc/agentd/agent-token (\S+)", sidecar)
+    assert install, sidecar
+    flags, copy = install.group(1), install.group(2)
+    owner = re.search(r"-o (\S+)", flags)
+    group = re.search(r"-g (\S+)", flags)
+    mode = int(re.search(r"-m (\d+)", flags).group(1), 8)  # type: ignore[union-attr]
+    readable = (owner and owner.group(1) == IMAGE_UID and mode & 0o400) or (group and group.group(1) == IMAGE_UID and mode & 0o040)
+    assert readable, flags
+    mounts = re.findall(r"-v (\S+):/run/secrets/agent-token:ro", readme_sh_block(form))
+    assert mounts == [copy], (mounts, copy)
+
+
+def test_readme_kubernetes_probes_have_timeouts() -> None:
+    text = README.read_text(encoding="utf-8")
+    probes = re.findall(r"^\s*(startupProbe|livenessProbe|readinessProbe):\s*(\{.*\})\s*$", text, re.MULTILINE)
+    assert {name for name, _ in probes} >= {"startupProbe", "livenessProbe"}, probes
+    for name, body in probes:
+        timeout = re.search(r"timeoutSeconds:\s*(\d+)", body)
+        assert timeout, f"{name} has no timeoutSeconds (Kubernetes' default is 1 s)"
+        assert int(timeout.group(1)) >= MIN_PROBE_TIMEOUT, f"{name}: timeoutSeconds {timeout.group(1)}"
+
+
+# ---- make deploy-test: its wiring, its README parsing and its skip path ------------------------
+
+
+@pytest.fixture(scope="module")
+def deploy_test() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("deploy_test", DEPLOY_TEST)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ci_runs_deploy_test_after_make_test() -> None:
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^deploy-test:.*\n\t.*deploy/deploy_test\.py", makefile, re.MULTILINE)
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    test_at = lines.index("make test")
+    assert any("make deploy-test" in line for line in lines[test_at + 1 :]), lines
+
+
+def test_deploy_test_splits_the_readme_blocks_it_runs(deploy_test: ModuleType) -> None:
+    up, down = deploy_test.split_stop(deploy_test.readme_block("As a **sidecar**"))
+    assert "docker run -d --name agentd" in up and "docker stop" not in up
+    assert down.splitlines()[-1] == "docker stop agentd && docker stop agentapi"
+    up, down = deploy_test.split_stop(deploy_test.readme_block("As the **entrypoint"))
+    assert "supervise -- agentapi server" in up and down.strip() == "docker stop task"
+
+
+def test_deploy_test_reads_the_stand_in_agentapi_signal_log(deploy_test: ModuleType) -> None:
+    log = "SIGUSR1 1700000000.5\nSIGTERM 1700000001.25\nSIGTERM 1700000009.0\n"
+    assert deploy_test.parse_signal_log(log) == {"SIGUSR1": 1700000000.5, "SIGTERM": 1700000001.25}
+
+
+def test_deploy_test_skips_in_one_line_when_not_root(tmp_path: Path) -> None:
+    """Not root: one SKIPPED line, exit 0, and nothing installed or started."""
+    argv = [sys.executable, str(DEPLOY_TEST)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and setpriv (util-linux) is missing: cannot drop to a user")
+        argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and "SKIPPED" in lines[0] and "root" in lines[0], proc.stdout + proc.stderr
