@@ -147,7 +147,11 @@ class CommandFailed(Exception):
 
 @dataclass
 class Runner:
+    """Runs commands, logging each with its output to ``log``; ``stop_all`` ends those still
+    running (on an interrupt, from another thread)."""
+
     log: Path
+    live: set[subprocess.Popen[str]] = field(default_factory=set)
 
     def __call__(
         self,
@@ -158,28 +162,65 @@ class Runner:
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
         input: str | None = None,
-        quiet: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         start = time.monotonic()
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", env=env, cwd=cwd,
+            start_new_session=True,
+        )  # fmt: skip
+        self.live.add(proc)
         try:
-            proc = subprocess.run(
-                list(argv), capture_output=True, text=True, errors="replace", timeout=timeout,
-                env=env, cwd=cwd, input=input, stdin=None if input is not None else subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired as exc:
-            partial = b"".join(x if isinstance(x, bytes) else x.encode() for x in (exc.stdout, exc.stderr) if x)
-            self._write(argv, None, f"TIMEOUT after {timeout:g} s\n{partial.decode(errors='replace')}", start)
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, err = proc.communicate()
+            self._write(argv, None, f"TIMEOUT after {timeout:g} s\n{out}{err}", start)
             raise CommandFailed(f"{shlex.join(argv)[:200]}: no answer within {timeout:g} s") from None
-        self._write(argv, proc.returncode, proc.stdout + proc.stderr, start)
+        finally:
+            self.live.discard(proc)
+        self._write(argv, proc.returncode, out + err, start)
         if check and proc.returncode != 0:
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+            tail = (out + err).strip().splitlines()[-15:]
             raise CommandFailed(f"{shlex.join(argv)[:200]} exited {proc.returncode}:\n  " + "\n  ".join(tail))
-        return proc
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def stop_all(self) -> None:
+        for proc in list(self.live):
+            _kill_group(proc)
 
     def _write(self, argv: Sequence[str], rc: int | None, output: str, start: float) -> None:
         with self.log.open("a", encoding="utf-8") as f:
             f.write(f"$ {shlex.join(argv)[:2000]}\n{output[-20000:]}")
             f.write(f"[rc={rc} after {time.monotonic() - start:.1f} s]\n\n")
+
+
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def kill_strays(marker: str) -> None:
+    """SIGKILL every process whose command line mentions ``marker`` (the work directory: only
+    what this run started, e.g. containerd and its shims if dockerd could not stop them)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if marker in cmdline.read_bytes().decode(errors="replace") and int(cmdline.parent.name) != os.getpid():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+
+
+def unmount_under(path: Path) -> None:
+    """Lazily unmount everything mounted at or below ``path``, deepest first (debootstrap mounts
+    /proc and /sys in its target; an interrupted one leaves them)."""
+    prefix = str(path)
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m == prefix or m.startswith(prefix + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount], check=False, capture_output=True)
+
+
+def remove_tree(path: Path) -> None:
+    unmount_under(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def stop_process(proc: subprocess.Popen[Any], grace: float = 20) -> None:
@@ -247,10 +288,9 @@ def rootfs(run: Runner, name: str, packages: list[str]) -> Path:
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
     for stale in CACHE.glob(f"{name}-*"):
-        if stale != target and not stale.name.endswith(f".{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
+        if stale != target:
+            remove_tree(stale)
     building = CACHE / f"{name}-{key}.building.{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
     start = time.monotonic()
     try:
         run(["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE, str(building), MIRROR], timeout=2400)
@@ -259,10 +299,10 @@ def rootfs(run: Runner, name: str, packages: list[str]) -> Path:
                 if path.is_file():
                     path.unlink()
         (building / ".complete").write_text(json.dumps(recipe) + "\n")
-        shutil.rmtree(target, ignore_errors=True)
+        remove_tree(target)
         building.rename(target)
     finally:
-        shutil.rmtree(building, ignore_errors=True)
+        remove_tree(building)
     say(f"{name} root file system: debootstrap took {time.monotonic() - start:.0f} s ({target})")
     return target
 
@@ -324,6 +364,7 @@ class Docker:
                     self("rm", "-f", *running, check=False, timeout=120)
         stop_process(self.proc, grace=60)
         self.proc = None
+        kill_strays(str(self.dir))  # containerd and shims, if dockerd died without stopping them
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 600, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return self.run([DOCKER, *args], check=check, timeout=timeout, env=self.env, input=input)
@@ -941,10 +982,15 @@ def main() -> int:
     run = Runner(work / "commands.log")
     say(f"work directory {work} (commands and their output: {run.log})")
     try:
-        with report.phase("root file systems (debootstrap, cached)"), concurrent.futures.ThreadPoolExecutor(2) as pool:
-            base = pool.submit(rootfs, run, "docker-base", BASE_PACKAGES)
-            guest = pool.submit(rootfs, run, "systemd-guest", GUEST_PACKAGES)
-            base_root, guest_root = base.result(), guest.result()
+        with report.phase("root file systems (debootstrap, cached)"):
+            pool = concurrent.futures.ThreadPoolExecutor(2)
+            try:
+                base = pool.submit(rootfs, run, "docker-base", BASE_PACKAGES)
+                guest = pool.submit(rootfs, run, "systemd-guest", GUEST_PACKAGES)
+                base_root, guest_root = base.result(), guest.result()
+            finally:
+                run.stop_all()  # on an interrupt: end the other debootstrap now, not when it is done
+                pool.shutdown(wait=True)
         only = os.environ.get("AGENTD_DEPLOY_TEST_ONLY", "")  # "Docker" or "systemd": one part only
         parts: list[tuple[str, Callable[[], None]]] = [
             ("Docker", lambda: docker_phase(report, run, work, base_root)),
@@ -962,6 +1008,7 @@ def main() -> int:
     except (KeyboardInterrupt, Interrupted) as exc:
         report.add("ran to the end", False, f"interrupted ({type(exc).__name__} {exc})")
     finally:
+        run.stop_all()
         _cleanup(work, keep)
     total = time.monotonic() - started
     counts = {s: sum(c.status == s for c in report.checks) for s in ("PASS", "FAIL", "XFAIL", "XPASS", "SKIP")}
@@ -973,14 +1020,12 @@ def main() -> int:
 
 
 def _cleanup(work: Path, keep: bool) -> None:
-    # Anything still mounted under the work directory (an interrupted dockerd) goes first.
-    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines() if line.split()[1].startswith(str(work))]
-    for mount in sorted(mounts, key=len, reverse=True):
-        subprocess.run(["umount", "-l", mount], check=False, capture_output=True)
+    kill_strays(str(work))
     if keep:
+        unmount_under(work)
         say(f"kept {work} (AGENTD_DEPLOY_TEST_KEEP=1)")
     else:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
 
 
 if __name__ == "__main__":
