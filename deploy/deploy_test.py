@@ -590,7 +590,7 @@ def sidecar_form(report: Report, docker: Docker, work: Path, etc: Path) -> None:
     except CommandFailed as exc:
         health = str(exc)
     log = json.loads(docker.inspect("agentd", "{{json .State.Health.Log}}") or "[]")
-    health_timeout = int(docker.inspect("agentd", "{{.Config.Healthcheck.Timeout}}")) / 1e9
+    health_timeout = json.loads(docker.inspect("agentd", "{{json .Config.Healthcheck}}"))["Timeout"] / 1e9  # ns
     probes = [_seconds_between(p["Start"], p["End"]) for p in log]
     report.add(
         "sidecar: HEALTHCHECK (agentd status) turns healthy",
@@ -974,6 +974,7 @@ def main() -> int:
     except Skip as exc:
         say(f"SKIPPED: {exc}")
         return 0
+    report.phases.append(("checks and Debian packages", time.monotonic() - started))
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _on_signal)
     keep = os.environ.get("AGENTD_DEPLOY_TEST_KEEP") == "1"
