@@ -9,4 +9,4 @@ Data flows source -> buffer -> sink, driven by one lifecycle:
 - ``agentd.daemon``: the orchestrator owning signals, deadlines and the shutdown sequence.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it, `agentd --version` prints it

@@ -1,7 +1,5 @@
 """``python -m agentd``: the same as the ``agentd`` command."""
 
-import sys
+from agentd.entry import main
 
-from agentd.cli import main
-
-sys.exit(main())
+main()

@@ -25,10 +25,10 @@ import anyio
 import anyio.abc
 
 from agentd.logs import get_logger
+from agentd.paths import SOCKET_NAME, SYSTEMD_SOCKET, default_socket_path  # noqa: F401 - re-exported
 
 log = get_logger("agentd.control")
 
-SOCKET_NAME = "agentd.sock"
 MAX_REQUEST = 64 * 1024  # bytes: a request line is tiny; anything longer is refused
 
 
@@ -46,28 +46,6 @@ class NoAnswer(ControlError):
 
 class SocketInUse(ControlError):
     """Another daemon answers on the control socket."""
-
-
-#: Where the systemd unit's daemon listens ($RUNTIME_DIRECTORY=/run/agentd).
-SYSTEMD_SOCKET = Path("/run/agentd") / SOCKET_NAME
-
-
-def default_socket_path(state_dir: Path) -> Path:
-    """``$AGENTD_SOCKET``, else ``$RUNTIME_DIRECTORY/agentd.sock``, else ``state_dir/agentd.sock``.
-
-    A client (``agentd status``/``snapshot``) outside the unit also finds the systemd unit's
-    daemon at ``/run/agentd/agentd.sock`` when nothing else is set and that socket exists.
-    """
-    explicit = os.environ.get("AGENTD_SOCKET")
-    if explicit:
-        return Path(explicit)
-    runtime = os.environ.get("RUNTIME_DIRECTORY")
-    if runtime:
-        return Path(runtime.split(":")[0]) / SOCKET_NAME
-    path = Path(state_dir) / SOCKET_NAME
-    if not path.exists() and "AGENTD_STATE_DIR" not in os.environ and SYSTEMD_SOCKET.exists():
-        return SYSTEMD_SOCKET
-    return path
 
 
 def _alive(path: Path) -> bool:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import signal
 import ssl
 import time
@@ -37,6 +36,7 @@ import anyio.abc
 import httpx
 
 from agentd import control, probe
+from agentd import status as status_view
 from agentd.agentapi import AgentAPIError, AgentAPITail, fetch_messages
 from agentd.buffer import RingBuffer
 from agentd.coderd import CoderdUploader, UploadOutcome
@@ -54,6 +54,7 @@ EXIT_NOT_STORED = 1
 EX_CANTCREAT = 73  # sysexits.h: another daemon holds the control socket
 EX_NOINPUT_CHILD = 127  # as shells do: the command to supervise could not be executed
 
+EMPTY_CONVERSATION = "the conversation is empty"
 #: Final refresh timeout, seconds: short, and at most a quarter of the time left.
 FINAL_REFRESH_TIMEOUT = 1.0
 #: Seconds between state writes while the buffer changes.
@@ -88,7 +89,7 @@ class StoreResult:
         """One line for people: what was stored, or why not."""
         o, s = self.outcome, self.snapshot
         if self.result == "nothing":
-            return "nothing to store: the conversation is empty"
+            return f"nothing to store: {self.reason or 'the conversation is empty'}"
         if self.result == "unchanged":
             return f"stored: unchanged since the last upload ({len(s.message_ids)} messages, {s.size} bytes)"
         if self.result == "stored":
@@ -136,6 +137,7 @@ class Daemon:
         self._turn_finished = anyio.Event()
         self._saved_version = -1
         self._checkpoint: anyio.CancelScope | None = None  # the checkpoint upload in flight
+        self.refresh_error: str | None = None  # why the last GET /messages failed
 
     async def __aenter__(self) -> Daemon:
         return self
@@ -175,8 +177,17 @@ class Daemon:
             view = await fetch_messages(self.agentapi_client, self.settings.agentapi_url, timeout)
         except AgentAPIError as exc:
             log.warning("refresh failed; using the buffer as it is", error=str(exc))
+            self.refresh_error = str(exc)
             return
+        self.refresh_error = None
         self.buffer.sync(view)
+
+    def _why_nothing(self) -> str:
+        """Why the snapshot is empty: agentapi not reached, or an empty conversation."""
+        if self.refresh_error is None or self.tail.state in ("connected", "polling"):
+            return EMPTY_CONVERSATION
+        where = self.settings.agentapi_url.split("://", 1)[-1]
+        return f"agentapi at {where} not reached ({self.refresh_error}) and no messages held"
 
     async def store(self, deadline: float, *, refresh: bool = True, why: str = "shutdown") -> StoreResult:
         """Refresh (optionally), build and upload by ``deadline`` (``anyio.current_time()``).
@@ -194,8 +205,12 @@ class Daemon:
                 await self.refresh(min(FINAL_REFRESH_TIMEOUT, (deadline - anyio.current_time()) / 4))
             snapshot = build_snapshot(self.buffer.messages(), self.settings.max_bytes)
             if snapshot is None:
-                log.info("nothing to store: the conversation is empty", why=why)
-                return StoreResult("nothing")
+                reason = self._why_nothing()
+                if reason == EMPTY_CONVERSATION:
+                    log.info("nothing to store: the conversation is empty", why=why)
+                else:
+                    log.warning("nothing to store: agentapi not reached", why=why, reason=reason)
+                return StoreResult("nothing", reason=reason)
             digest = fingerprint(snapshot)
             if digest == self.acked:
                 log.info("snapshot unchanged since the last upload; not sent again", why=why, bytes=snapshot.size)
@@ -213,30 +228,19 @@ class Daemon:
     # -- status ----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """What ``agentd status --json`` prints."""
-        snapshot = build_snapshot(self.buffer.messages(), self.settings.max_bytes)
-        return {
-            "messages": len(self.buffer),
-            "bytes": snapshot.size if snapshot else 0,
-            "newest_id": self.buffer.newest_id,
-            "agent_status": self.tail.agent_status,
-            "source": {"state": self.tail.state, "since": _iso(self.tail.state_since), "url": self.settings.agentapi_url},
-            "last_upload": _upload_dict(self.last_upload),
-            "task_id": str(self.settings.task_id),
-            "pid": os.getpid(),
-            "started": _iso(self.started),
-            "persisted": self.state.enabled,
-            "probe": {
-                "coderd": self.coderd_probe.as_dict() if self.coderd_probe else None,
-                "agentapi": self.agentapi_probe.as_dict() if self.agentapi_probe else None,
-            } if self.settings.startup_probe else None,
+        """What ``agentd status --json`` prints (see :func:`agentd.status.view`)."""
+        probes = {
+            "coderd": self.coderd_probe.as_dict() if self.coderd_probe else None,
+            "agentapi": self.agentapi_probe.as_dict() if self.agentapi_probe else None,
         }
+        return status_view.view(
+            self.settings, self.buffer, self.tail, self.last_upload, started=self.started, persisted=self.state.enabled,
+            probe=probes if self.settings.startup_probe else None,
+        )
 
     def status_line(self) -> str:
-        upload = self.last_upload
-        last = "none" if upload is None else ("stored" if upload.stored else "failed")
-        line = f"agentapi {self.tail.state}; {len(self.buffer)} messages; last upload {last}"
-        return f"{line}; {self.coderd_probe.short}" if self.coderd_probe else line
+        coderd = self.coderd_probe.short if self.coderd_probe else None
+        return status_view.line(self.tail.state, len(self.buffer), self.last_upload, coderd)
 
     # -- background tasks --------------------------------------------------------------------
 
@@ -314,24 +318,6 @@ class Daemon:
             result = await self.store(anyio.current_time() + timeout, why="snapshot request")
             return {"ok": True, **result.as_dict()}
         return {"ok": False, "error": f"unknown command {str(command)[:40]!r}"}
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def _upload_dict(outcome: UploadOutcome | None) -> dict[str, Any] | None:
-    if outcome is None:
-        return None
-    return {
-        "outcome": "stored" if outcome.stored else "failed",
-        "http_status": outcome.status,
-        "time": _iso(outcome.at),
-        "bytes": outcome.bytes,
-        "messages": outcome.messages,
-        "attempts": outcome.attempts,
-        "reason": outcome.reason or None,
-    }
 
 
 def agentapi_client(url: str) -> httpx.AsyncClient:

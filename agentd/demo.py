@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from agentd import daemon, hooks, logs
+from agentd import client, daemon, logs
 from agentd.settings import load_settings
 from agentd.snapshot import CODERD_MAX_BODY
 from agentd.testing import FakeAgentAPI, FakeCoderd, demo_session, typing_steps, utf8_len
@@ -68,7 +68,7 @@ async def _demo(state_dir: Path) -> int:
                     _say(f"  agent screen now {utf8_len(content):>6} bytes")
                 if not asked and utf8_len(content) > 30_000:
                     asked = True
-                    status, line = await hooks.snapshot(settings.socket, 5.0, lambda: settings)
+                    status, line = await client.snapshot(settings.socket, 5.0, lambda: settings)
                     _say(f"  a stop hook asks mid-turn: `agentd snapshot` -> {line} (exit {status})")
                 await anyio.sleep(0.01)
             api.set_status("stable")

@@ -1,83 +1,30 @@
-"""Stop-time hooks: ``agentd snapshot``, ``agentd status`` and ``agentd shutdown-hook``.
+"""``agentd shutdown-hook``, a stop-time hook (the client commands ``agentd snapshot`` and
+``agentd status`` are in :mod:`agentd.client`).
 
-``snapshot`` asks a running daemon (over the control socket) to refresh and upload now; with
-no daemon it does the job itself from the persisted buffer and agentapi. ``shutdown-hook`` is a
-drop-in for the Coder registry module's bash stop script: SIGUSR1 to agentapi (state save, only
-when asked) and a bounded wait for its state file to change, the snapshot (at the same time:
-never behind that wait), then SIGTERM to agentapi and a bounded wait for it to exit. agentapi is
-signalled only once :mod:`agentd.agentapi_proc` has made sure the pid file's pid is agentapi.
-Every step prints one line (results on stdout, errors on stderr); a step's failure never
-blocks the next one.
+``shutdown-hook`` is a drop-in for the Coder registry module's bash stop script: SIGUSR1 to
+agentapi (state save, only when asked) and a bounded wait for its state file to change, the
+snapshot (at the same time: never behind that wait), then SIGTERM to agentapi and a bounded
+wait for it to exit. agentapi is signalled only once :mod:`agentd.agentapi_proc` has made sure
+the pid file's pid is agentapi. Every step prints one line (results on stdout, errors on
+stderr); a step's failure never blocks the next one.
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 
-from agentd import control
 from agentd.agentapi_proc import AgentAPIProcess, NotAgentAPI, file_version, find_agentapi, state_file_of
+from agentd.client import snapshot
 from agentd.logs import get_logger, redact
 from agentd.settings import ConfigError, Settings
 
 log = get_logger("agentd.hooks")
-
-EXIT_NO_DAEMON = 3
-
-
-async def snapshot(socket: Path, timeout: float, load_settings: Callable[[], Settings]) -> tuple[int, str]:
-    """Store the snapshot now; returns ``(exit status, one line)``.
-
-    Exit 0 stored (or nothing to store, or coderd already holds it), 1 not stored. Raises
-    :class:`ConfigError` only when there is no daemon and the settings are incomplete.
-    """
-    from agentd.daemon import store_once
-
-    try:
-        # The daemon stores within `timeout`; a little more for the answer to come back.
-        answer = await control.request(socket, {"command": "snapshot", "timeout": timeout}, timeout + 0.5)
-    except control.NoDaemon as exc:
-        log.info("no daemon answered; storing the snapshot directly", reason=str(exc))
-        result = await store_once(load_settings(), timeout)
-        return (0 if result.ok else 1), result.line()
-    except control.NoAnswer as exc:  # a live daemon owns the upload: never a second uploader
-        return 1, f"not stored: {exc}"
-    if not answer.get("ok"):
-        return 1, f"not stored: {answer.get('error', 'the daemon refused the request')}"
-    return (0 if answer.get("result") != "failed" else 1), str(answer.get("line"))
-
-
-async def status(socket: Path, as_json: bool) -> tuple[int, str]:
-    """The daemon's status; ``(0, text)`` when it answered, ``(3, reason)`` when none did."""
-    try:
-        answer = await control.request(socket, {"command": "status"}, 3.0)
-    except control.ControlError as exc:
-        return EXIT_NO_DAEMON, json.dumps({"error": str(exc)}) if as_json else str(exc)
-    data: dict[str, Any] = answer.get("status") or {}
-    if as_json:
-        return 0, json.dumps(data, indent=2)
-    upload = data.get("last_upload")
-    last = "none" if not upload else f"{upload['outcome']} at {upload['time']} ({upload['bytes']} bytes, HTTP {upload['http_status']})"
-    source = data.get("source") or {}
-    lines = [
-        f"task:          {data.get('task_id')}",
-        f"messages:      {data.get('messages')} (newest id {data.get('newest_id')}), {data.get('bytes')} bytes to send",
-        f"agent:         {data.get('agent_status')}",
-        f"agentapi:      {source.get('state')} since {source.get('since')} ({source.get('url')})",
-        f"last upload:   {last}",
-    ]
-    coderd = (data.get("probe") or {}).get("coderd")
-    if coderd:  # the start-up probe's verdict (agentd.probe)
-        lines.append(f"coderd:        {coderd.get('sentence')}")
-    return 0, "\n".join(lines)
-
 
 #: Default bound on the wait for agentapi's state file after SIGUSR1, seconds.
 STATE_WAIT = 2.0

@@ -2,7 +2,7 @@
 
     python -m bench                 # everything; prints the Markdown, writes bench/results.md
     python -m bench --quick         # a smoke run: fewer repeats, 5 s idle, fleet at 8 s only
-    python -m bench shutdown trim   # only some (shutdown trim ingest footprint startup fleet)
+    python -m bench shutdown trim   # only some (shutdown trim ingest footprint startup probe fleet)
     python -m bench fleet           # only the fleet simulation
 
 ``make bench QUICK=1`` (or ``BENCH_QUICK=1``) is the smoke run. Only a full run of everything
@@ -23,7 +23,7 @@ from pathlib import Path
 from bench import report
 from bench.common import BenchError
 
-ALL = ("shutdown", "trim", "ingest", "footprint", "startup", "fleet")
+ALL = ("shutdown", "trim", "ingest", "footprint", "startup", "probe", "fleet")
 RESULTS = Path(__file__).with_name("results.md")
 README = Path(__file__).resolve().parent.parent / "README.md"
 _START, _END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     header = f"_{_machine()}; {'quick smoke run' if args.quick else 'full run'}._"
     print(header, flush=True)
     try:
-        if any(name in wanted for name in ("shutdown", "trim", "ingest", "footprint", "startup")):
+        if any(name in wanted for name in ("shutdown", "trim", "ingest", "footprint", "startup", "probe")):
             sections.append(report.daemon_section(wanted, args.quick))
         if "fleet" in wanted:
             sections.append(report.fleet_section(args.quick))

@@ -6,7 +6,7 @@ import os
 import statistics
 import sys
 
-from bench import fleet, process, trim
+from bench import fleet, probe, process, trim
 from bench.common import Series, Standins
 
 #: Repeats per figure: (full run, quick run).
@@ -16,6 +16,7 @@ RUNS = {
     "trim": (200, 20),
     "ingest": (5, 2),
     "startup": (15, 4),
+    "probe": (15, 4),
 }
 IDLE = (30.0, 5.0)  # footprint: seconds idle
 IDLE_PROCESSES = 3  # footprint: daemons idle side by side (each one a sample)
@@ -102,9 +103,22 @@ def daemon_section(wanted: tuple[str, ...], quick: bool) -> str:
         if "startup" in wanted:
             _say("bench: start-up ...")
             ready, bare = process.startup(standins, _runs("startup", quick))
+            ratio = ready.median / bare.median
+            results["startup"] = (ready, bare)
             row("**start-up**: process start → `READY=1` on `$NOTIFY_SOCKET`", ms(ready.median), spread(ready, ms),
-                "≤ 300 ms", verdict(ready.median <= 0.3))
-            row("  `python -c pass` on the same machine", ms(bare.median), spread(bare, ms))
+                "≤ 8 × `python -c pass`", f"{verdict(ratio <= 8)}: {ratio:.1f} ×")
+            row("  `python -c pass` on the same machine, same run", ms(bare.median), spread(bare, ms))
+        if "probe" in wanted:
+            _say("bench: probes (client commands against a running daemon) ...")
+            series = probe.probe(standins, _runs("probe", quick))
+            bare = series[probe.BARE]
+            for i, (name, s) in enumerate(series.items()):
+                if name == probe.BARE:
+                    row("  `python -c pass`, interleaved with them", ms(s.median), spread(s, ms))
+                    continue
+                what = ("**probe**: " if i == 0 else "  ") + f"{name}, process start → exit with the answer"
+                ratio = s.median / bare.median
+                row(what, ms(s.median), spread(s, ms), "≤ 3 × `python -c pass`", f"{verdict(ratio <= 3)}: {ratio:.2f} ×")
     table = ["| figure | median | min – max | target | |", "|---|---|---|---|---|", *rows]
     intro = (
         "Real `python -m agentd run` processes against the stand-ins on loopback (`FakeAgentAPI` and "
@@ -130,6 +144,21 @@ def _notes(results: dict) -> list[str]:
             "With 10 messages of 1 MiB, the last fetch is 10 MiB of JSON. The stand-in agentapi alone needs "
             f"{ms(big.curl_get.median)} to serve it. agentd then decodes it and checks it, because a reply "
             "typed after the stream's last event is in that fetch and nowhere else."
+        )
+    startup = results.get("startup")
+    if startup is not None and startup[0].median > 8 * startup[1].median:
+        ready, bare = startup
+        imports, shares = probe.import_shares()
+        listed = ", ".join(f"{group} {share:.0%}" for group, share in shares[:6])
+        out.append(
+            f"- **Start-up.** READY=1 comes {ready.median / bare.median:.1f} × `python -c pass` after the start. "
+            f"Importing the daemon's modules alone takes {ms(imports)} in a fresh interpreter "
+            f"({imports / bare.median:.1f} × `python -c pass`; `python -X importtime`, self time by group: {listed}). "
+            "Done: the client commands import none of it; on asyncio trio is kept out; the settings are read "
+            "once. What remains is the libraries the design asks for: pydantic-settings builds its model and "
+            "pydantic-core its validators at import, and httpx pulls in the standard library's email and HTTP "
+            "modules. Deferring the coderd client, tenacity and its TLS context to the first upload would "
+            "take off a few percent more; the 8 × target needs a settings reader without pydantic."
         )
     ingest = results.get("ingest")
     if ingest is not None and ingest.median > 0.2:

@@ -105,3 +105,57 @@ def test_token_never_in_settings_errors(monkeypatch):
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert TOKEN not in str(info.value)
+
+
+def test_every_problem_is_reported_at_once_in_plain_words(monkeypatch, tmp_path):
+    for key in list(os.environ):
+        if key.startswith(("AGENTD_", "CODER_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("AGENTD_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("AGENTD_SHUTDOWN_TIMEOUT", "0")
+    monkeypatch.setenv("AGENTD_CHECKPOINT_INTERVAL", "soon")
+    with pytest.raises(ConfigError) as info:
+        load_settings(max_bytes="100")
+    problems = info.value.problems
+    assert problems == [
+        "missing setting CODER_AGENT_URL (--coderd-url)",
+        "missing setting AGENTD_TASK_ID (--task-id)",
+        "AGENTD_MAX_BYTES (--max-bytes) must be at least 1024, got '100'",
+        "AGENTD_SHUTDOWN_TIMEOUT (--shutdown-timeout) must be above 0, got '0'",
+        "AGENTD_CHECKPOINT_INTERVAL (--checkpoint-interval) must be a number, got 'soon'",
+        "missing setting CODER_AGENT_TOKEN (--agent-token), or CODER_AGENT_TOKEN_FILE (--agent-token-file)",
+    ]
+    assert str(info.value) == "; ".join(problems)
+
+
+def test_a_bad_token_file_is_named_with_the_other_problems(monkeypatch, tmp_path):
+    for key in list(os.environ):
+        if key.startswith(("AGENTD_", "CODER_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("CODER_AGENT_TOKEN_FILE", str(tmp_path / "absent"))
+    with pytest.raises(ConfigError) as info:
+        load_settings(task_id=TASK)
+    assert info.value.problems == [
+        "missing setting CODER_AGENT_URL (--coderd-url)",
+        f"CODER_AGENT_TOKEN_FILE (--agent-token-file): cannot read {tmp_path / 'absent'}: No such file or directory",
+    ]
+
+
+def test_the_socket_default_follows_the_state_dir(monkeypatch, tmp_path):
+    for key, value in GOOD.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AGENTD_SOCKET", "RUNTIME_DIRECTORY"):
+        monkeypatch.delenv(key, raising=False)
+    assert load_settings(state_dir=str(tmp_path)).socket == tmp_path / "agentd.sock"
+    assert load_settings(state_dir=str(tmp_path), socket=str(tmp_path / "s")).socket == tmp_path / "s"
+
+
+def test_every_setting_has_help_and_a_value_name_for_its_flag():
+    from typing import get_args
+
+    from agentd.settings import Settings
+
+    for name, info in Settings.model_fields.items():
+        assert info.description, name
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        assert extra.get("metavar") or get_args(info.annotation), name
