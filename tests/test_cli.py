@@ -287,7 +287,7 @@ async def wait_status(sock: Path, predicate: Any, within: float) -> dict[str, An
 
 async def wait_exit(proc: subprocess.Popen[bytes], within: float = 30) -> int:
     with anyio.fail_after(within):
-        while proc.poll() is None:  # noqa: ASYNC110 - a child process has no event to wait on here
+        while proc.poll() is None:
             await anyio.sleep(0.02)
     return proc.returncode
 
