@@ -241,8 +241,8 @@ def _probe_lines(probe: Any) -> list[str]:
     """The start-up probe's verdict on coderd (its sentence names the fix), when there is one."""
     coderd = probe.get("coderd") if isinstance(probe, dict) else None
     if not isinstance(coderd, dict):
-        return ["coderd:       not probed yet"] if isinstance(probe, dict) else []
-    return [f"coderd:       {coderd.get('sentence') or coderd.get('code') or 'no verdict'}"]
+        return ["coderd:        not probed yet"] if isinstance(probe, dict) else []
+    return [f"coderd:        {coderd.get('sentence') or coderd.get('code') or 'no verdict'}"]
 
 
 def status_text(data: dict[str, Any]) -> str:
@@ -250,13 +250,13 @@ def status_text(data: dict[str, Any]) -> str:
     head = f"agentd pid {data.get('pid', '?')}, running since {_clock(data.get('started'))}"
     lines = [
         head + (f", task {data['task_id']}" if data.get("task_id") else ""),
-        f"agentapi:     {_source_text(data.get('source') or {}, data.get('agent_status'))}",
+        f"agentapi:      {_source_text(data.get('source') or {}, data.get('agent_status'))}",
         *_probe_lines(data.get("probe")),
-        f"messages:     {_messages_text(data)}",
-        f"last upload:  {_upload_text(data.get('last_upload'))}",
+        f"messages:      {_messages_text(data)}",
+        f"last upload:   {_upload_text(data.get('last_upload'))}",
     ]
     if data.get("persisted") is False:
-        lines.append("state:        not persisted (the state directory is not writable): a restart loses the buffer")
+        lines.append("state:         not persisted (the state directory is not writable): a restart loses the buffer")
     return "\n".join(lines)
 
 
