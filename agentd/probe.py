@@ -506,10 +506,16 @@ def _ok_sentence(where: str, facts: dict[str, Any], held: dict[str, Any]) -> str
         return f"reachable at {where}, {agent}, {events}; but {held['problem']}"
     if not held["messages"]:
         return f"reachable at {where}, {agent}, {events}; the conversation is empty (nothing to store yet)"
+    if not held["snapshot_messages"]:  # agentapi's empty placeholder (PTY start, state not loaded yet)
+        return f"reachable at {where}, {agent}, {events}; no message with content yet (nothing to store yet)"
     return (
-        f"reachable at {where}, {agent}, {events}; {held['messages']} messages held, a snapshot now would carry "
-        f"{held['snapshot_messages']} ({held['snapshot_bytes']} bytes)"
+        f"reachable at {where}, {agent}, {events}; {_count(held['messages'], 'message')} held, a snapshot now "
+        f"would carry {held['snapshot_messages']} ({held['snapshot_bytes']} bytes)"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 async def probe_agentapi(
