@@ -59,7 +59,6 @@ import ssl
 import time
 import zlib
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 from uuid import UUID
 
@@ -69,6 +68,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from agentd.backoff import full_jitter
 from agentd.logs import get_logger, redact
+from agentd.outcome import UploadOutcome
 from agentd.snapshot import Snapshot
 
 log = get_logger("agentd.coderd")
@@ -88,24 +88,6 @@ _DELTA_SECONDS = re.compile(r"[0-9]+")  # RFC 9110 delay-seconds: ASCII digits o
 #: coderd's ``message`` for an unregistered route, and for a task it does not have for this agent.
 ROUTE_NOT_FOUND = "Route not found."
 RESOURCE_NOT_FOUND = "Resource not found."
-
-
-@dataclass(frozen=True, slots=True)
-class UploadOutcome:
-    """What became of one upload.
-
-    ``stored`` is True on 204. ``status`` is the last HTTP status (None if coderd never
-    answered); ``attempts`` the number of requests sent; ``bytes``/``messages`` describe the
-    body; ``reason`` is a one-line explanation when not stored; ``at`` a ``time.time()``.
-    """
-
-    stored: bool
-    status: int | None
-    attempts: int
-    bytes: int
-    messages: int
-    reason: str
-    at: float
 
 
 class _Retryable(Exception):

@@ -1,23 +1,29 @@
 """The orchestrator: owns the signals, the deadlines and the shutdown sequence.
 
 ``agentd run`` is :func:`run`. It loads the persisted buffer, listens on the control socket,
-says ``READY=1``, and runs these tasks in one task group until SIGTERM or SIGINT:
+says ``READY=1``, and runs these tasks in one task group until a stop signal:
 
 * the agentapi tail (source -> ring buffer);
 * persistence: the buffer written to the state directory at most once a second while it
   changes (and ``STATUS=`` for systemd);
 * checkpoints: after a finished turn (agent ``running`` -> ``stable``), upload if the snapshot
   differs from the last one coderd acknowledged, at most once per ``checkpoint_interval``;
-* the control socket (``agentd snapshot`` / ``agentd status``);
+* the control socket (``agentd snapshot`` / ``agentd status``, :mod:`agentd.control`);
 * the start-up probe (``AGENTD_STARTUP_PROBE``, :mod:`agentd.probe`): agentapi once, coderd's
   log-snapshot endpoint (a request that stores nothing) again with backoff until it answers
   definitively; one log line per problem, the verdict in ``agentd status`` and ``STATUS=``;
 * the systemd watchdog.
 
-On the first signal: ``STOPPING=1``, stop the tail and any checkpoint in flight, then
-:meth:`Daemon.store` (final refresh, build, upload with retries) within ``shutdown_timeout``
-seconds of the signal, then persist. Exit status: 0 stored or nothing to store (or coderd
-already holds this exact body), 1 not stored. A second SIGTERM/SIGINT gives up at once (1).
+Signals (:mod:`agentd.signals`): SIGTERM, SIGINT and SIGHUP stop; SIGUSR1 stores now and keeps
+running; SIGUSR2, SIGALRM and the like are logged and ignored; the same signal twice within a
+second counts once.
+
+The stop, in order: ``STOPPING=1``; the tail (its ``/events`` stream closed), any checkpoint in
+flight and the control socket stop; :meth:`Daemon.store` uploads by the upload deadline
+(:mod:`agentd.deadlines`); the state is written; under ``supervise`` the child is signalled,
+waited for and killed if it must. Exit status: 0 stored or nothing to store (or coderd already
+holds this exact body), 1 not stored; under ``supervise`` the child's. A deliberate second stop
+signal (a second or more after the first) gives up on the snapshot at once (1).
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ import contextlib
 import hashlib
 import signal
 import ssl
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -39,13 +47,16 @@ from agentd import control, probe
 from agentd import status as status_view
 from agentd.agentapi import AgentAPIError, AgentAPITail, fetch_messages
 from agentd.buffer import RingBuffer
-from agentd.coderd import CoderdUploader, UploadOutcome
-from agentd.logs import add_secret, get_logger
+from agentd.coderd import CoderdUploader
+from agentd.deadlines import FINAL_REFRESH_TIMEOUT, StopDeadlines, refresh_timeout, step_timeout, stop_deadlines
+from agentd.logs import add_secret, add_url_secrets, get_logger
+from agentd.outcome import UploadOutcome, as_json
 from agentd.sdnotify import Notifier
 from agentd.settings import Settings
+from agentd.signals import GIVE_UP_HINT, HANDLED, Action, SignalPolicy, name
 from agentd.snapshot import Snapshot, build_snapshot
-from agentd.state import SavedState, StateStore, as_dict
-from agentd.supervise import FORWARDED, Child, exit_status, reaper
+from agentd.state import SavedState, StateStore
+from agentd.supervise import Child, finish, reaper
 
 log = get_logger("agentd.daemon")
 
@@ -55,17 +66,23 @@ EX_CANTCREAT = 73  # sysexits.h: another daemon holds the control socket
 EX_NOINPUT_CHILD = 127  # as shells do: the command to supervise could not be executed
 
 EMPTY_CONVERSATION = "the conversation is empty"
-#: Final refresh timeout, seconds: short, and at most a quarter of the time left.
-FINAL_REFRESH_TIMEOUT = 1.0
+__all__ = ["FINAL_REFRESH_TIMEOUT", "Daemon", "StoreResult", "run", "store_once"]
+
 #: Seconds between state writes while the buffer changes.
 PERSIST_INTERVAL = 1.0
 #: Seconds a checkpoint upload may take, retries included.
 CHECKPOINT_TIMEOUT = 30.0
 #: Seconds the start-up probe gives agentapi to start listening before it looks why not.
 AGENTAPI_PROBE_GRACE = 10.0
+#: Seconds the stop waits for the tail, checkpoints and control socket to wind down.
+WIND_DOWN_TIMEOUT = 1.0
 
-# Signals that arrived before the event loop could take them (see agentd.cli).
+#: Signals that arrived before the event loop could take them, for callers that do not pass
+#: ``early_signals`` to :func:`run` (agentd.cli until it does).
 early_signals: list[int] = []
+
+#: One early signal: its number, or its number and ``time.monotonic()`` when it arrived.
+EarlySignal = int | tuple[int, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +107,14 @@ class StoreResult:
         o, s = self.outcome, self.snapshot
         if self.result == "nothing":
             return f"nothing to store: {self.reason or 'the conversation is empty'}"
-        if self.result == "unchanged":
+        if self.result == "unchanged" and s is not None:
             return f"stored: unchanged since the last upload ({len(s.message_ids)} messages, {s.size} bytes)"
-        if self.result == "stored":
+        if self.result == "stored" and o is not None:
             return f"stored: {o.messages} messages, {o.bytes} bytes, {o.attempts} attempt{'s' * (o.attempts != 1)}"
         return f"not stored: {o.reason if o else self.reason or 'unknown'}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"result": self.result, "line": self.line(), "outcome": as_dict(self.outcome)}
+        return {"result": self.result, "line": self.line(), "outcome": as_json(self.outcome)}
 
 
 def fingerprint(snapshot: Snapshot) -> str:
@@ -171,10 +188,11 @@ class Daemon:
 
     # -- storing -----------------------------------------------------------------------------
 
-    async def refresh(self, timeout: float) -> None:
-        """Merge one ``GET /messages`` into the buffer; on failure keep the buffer as it is."""
+    async def refresh(self, within: float) -> None:
+        """Merge one ``GET /messages`` (``within`` seconds) into the buffer; on failure keep the
+        buffer as it is."""
         try:
-            view = await fetch_messages(self.agentapi_client, self.settings.agentapi_url, timeout)
+            view = await fetch_messages(self.agentapi_client, self.settings.agentapi_url, within)
         except AgentAPIError as exc:
             log.warning("refresh failed; using the buffer as it is", error=str(exc))
             self.refresh_error = str(exc)
@@ -190,10 +208,14 @@ class Daemon:
         return f"agentapi at {where} not reached ({self.refresh_error}) and no messages held"
 
     async def store(self, deadline: float, *, refresh: bool = True, why: str = "shutdown") -> StoreResult:
-        """Refresh (optionally), build and upload by ``deadline`` (``anyio.current_time()``).
+        """Build and upload the freshest snapshot by ``deadline`` (``anyio.current_time()``).
 
-        Uploads are serialised; a body identical to the one coderd last acknowledged is not
-        sent again. Never raises for agentapi's or coderd's failures.
+        With ``refresh``, the final view: when the tail is live and caught up (its ``/events``
+        stream connected, the replay merged: agentapi pushes every change on it) the buffer is
+        uploaded at once, then one ``GET /messages`` confirms it and a changed view is uploaded
+        again; otherwise (polling, disconnected, reconnecting, no tail) ``GET /messages`` comes
+        first. Uploads are serialised; a body identical to the one coderd last acknowledged is
+        not sent again. Never raises for agentapi's or coderd's failures.
         """
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as waiting:
             await self._upload_lock.acquire()
@@ -201,29 +223,48 @@ class Daemon:
             log.warning("another upload is still in progress; not stored", why=why)
             return StoreResult("failed", None, None, "another upload was still in progress at the deadline")
         try:
-            if refresh:
-                await self.refresh(min(FINAL_REFRESH_TIMEOUT, (deadline - anyio.current_time()) / 4))
-            snapshot = build_snapshot(self.buffer.messages(), self.settings.max_bytes)
-            if snapshot is None:
-                reason = self._why_nothing()
-                if reason == EMPTY_CONVERSATION:
-                    log.info("nothing to store: the conversation is empty", why=why)
-                else:
-                    log.warning("nothing to store: agentapi not reached", why=why, reason=reason)
-                return StoreResult("nothing", reason=reason)
-            digest = fingerprint(snapshot)
-            if digest == self.acked:
-                log.info("snapshot unchanged since the last upload; not sent again", why=why, bytes=snapshot.size)
-                return StoreResult("unchanged", self.last_upload, snapshot)
-            outcome = await self.uploader.upload(snapshot, deadline)
-            self.last_upload = outcome
-            if outcome.stored:
-                self.acked = digest
-            with anyio.move_on_after(1.0):  # remember what coderd holds; bounded, never blocking
-                await self.persist(force=True)
-            return StoreResult("stored" if outcome.stored else "failed", outcome, snapshot)
+            live = refresh and self.tail.state == "connected"  # a cancelled tail keeps its last state
+            if refresh and not live:
+                await self.refresh(refresh_timeout(anyio.current_time(), deadline))
+            result = await self._upload_buffer(deadline, why)
+            if live and result.ok:
+                result = await self._confirm(result, deadline, why)
+            return result
         finally:
             self._upload_lock.release()
+
+    async def _upload_buffer(self, deadline: float, why: str) -> StoreResult:
+        """Build the snapshot from the buffer and upload it unless empty or already stored."""
+        snapshot = build_snapshot(self.buffer.messages(), self.settings.max_bytes)
+        if snapshot is None:
+            reason = self._why_nothing()
+            if reason == EMPTY_CONVERSATION:
+                log.info("nothing to store: the conversation is empty", why=why)
+            else:
+                log.warning("nothing to store: agentapi not reached", why=why, reason=reason)
+            return StoreResult("nothing", reason=reason)
+        digest = fingerprint(snapshot)
+        if digest == self.acked:
+            log.info("snapshot unchanged since the last upload; not sent again", why=why, bytes=snapshot.size)
+            return StoreResult("unchanged", self.last_upload, snapshot)
+        outcome = await self.uploader.upload(snapshot, deadline)
+        self.last_upload = outcome
+        if outcome.stored:
+            self.acked = digest
+        with anyio.move_on_after(1.0):  # remember what coderd holds; bounded, never blocking
+            await self.persist(force=True)
+        return StoreResult("stored" if outcome.stored else "failed", outcome, snapshot)
+
+    async def _confirm(self, first: StoreResult, deadline: float, why: str) -> StoreResult:
+        """After uploading a live tail's buffer: one ``GET /messages``; if it shows what the
+        stream had not delivered yet (an update in flight at the stop), upload again."""
+        await self.refresh(refresh_timeout(anyio.current_time(), deadline))
+        snapshot = build_snapshot(self.buffer.messages(), self.settings.max_bytes)
+        if snapshot is None or (first.snapshot is not None and snapshot.body == first.snapshot.body):
+            return first
+        log.info("the final GET /messages held more than the stream; uploading again", why=why)
+        second = await self._upload_buffer(deadline, why)
+        return first if second.result == "unchanged" else second
 
     # -- status ----------------------------------------------------------------------------
 
@@ -298,26 +339,11 @@ class Daemon:
                 log.info("checkpoint", result=result.result)
             self._checkpoint = None
 
-    def _supersede_checkpoint(self) -> None:
-        """A snapshot request does not wait behind a checkpoint (up to CHECKPOINT_TIMEOUT): it
-        cancels it and uploads the fresher view itself, within its own timeout."""
+    def supersede_checkpoint(self) -> None:
+        """Cancel the checkpoint upload in flight, if any (a fresher store is about to run)."""
         if self._checkpoint is not None:
             log.info("checkpoint in flight superseded by a snapshot request")
             self._checkpoint.cancel()
-
-    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Answer one control-socket request."""
-        command = request.get("command")
-        if command == "status":
-            return {"ok": True, "status": self.status()}
-        if command == "snapshot":
-            timeout = request.get("timeout")
-            if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout <= 3600):
-                return {"ok": False, "error": "timeout must be a number of seconds in (0, 3600]"}
-            self._supersede_checkpoint()
-            result = await self.store(anyio.current_time() + timeout, why="snapshot request")
-            return {"ok": True, **result.as_dict()}
-        return {"ok": False, "error": f"unknown command {str(command)[:40]!r}"}
 
 
 def agentapi_client(url: str) -> httpx.AsyncClient:
@@ -335,154 +361,266 @@ def coderd_client(settings: Settings) -> httpx.AsyncClient:
     return httpx.AsyncClient(verify=verify, trust_env=True, timeout=5.0)
 
 
-async def run(settings: Settings, command: Sequence[str] | None = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT, then store the snapshot. Returns the exit status.
+def socket_path(settings: Settings) -> Path:
+    """The control socket's path (settings fill it in when not given)."""
+    assert settings.socket is not None
+    return settings.socket
 
-    With ``command`` (``agentd supervise``) the daemon also starts it as its child, forwards
-    SIGHUP and SIGUSR1 to it, and on SIGTERM/SIGINT stores the snapshot *while the child is
-    still alive* (within ``shutdown_timeout - child_stop_timeout`` seconds), then forwards the
-    signal, waits up to ``child_stop_timeout`` seconds and kills it if it must. If the child
-    exits on its own the snapshot is stored too. Either way the exit status is the child's.
+
+class _CannotStart(Exception):
+    """The daemon cannot start; ``status`` is the exit status (the reason is logged)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+async def run(
+    settings: Settings, command: Sequence[str] | None = None, *, early_signals: Sequence[EarlySignal] | None = None
+) -> int:
+    """Run the daemon until a stop signal, then store the snapshot. Returns the exit status.
+
+    ``early_signals`` are signals that arrived before this function could take them (the CLI
+    records them from the interpreter's first moments): handled first, as if just received.
+    With ``command`` (``agentd supervise``) the daemon also starts it as its child; on a stop
+    signal it stores the snapshot *while the child is still alive* (within ``shutdown_timeout
+    - child_stop_timeout`` seconds), then sends the child that signal, waits up to
+    ``child_stop_timeout`` seconds and kills it if it must. SIGUSR1 is stored, then forwarded.
+    If the child exits on its own the snapshot is stored too. Either way the exit status is
+    the child's.
     """
     add_secret(settings.token)
+    for url in (settings.agentapi_url, settings.coderd_url):
+        add_url_secrets(url)
     notifier = Notifier()
-    wanted = (signal.SIGTERM, signal.SIGINT, *(FORWARDED if command else ()))
-    with anyio.open_signal_receiver(*wanted) as signals:
-        async with Daemon(settings, notifier) as daemon:
-            daemon.load()
-            listener: anyio.abc.Listener[Any] | None
-            try:
-                listener = await control.open_listener(settings.socket)
-            except control.SocketInUse as exc:
-                log.error("cannot start", error=str(exc))
-                return EX_CANTCREAT
-            except control.ControlError as exc:  # e.g. a read-only state dir: storing matters more
-                log.warning("running without the control socket; agentd snapshot/status cannot reach this daemon", error=str(exc))
-                listener = None
-            child = None
-            if command:
-                try:
-                    child = await Child.start(command)
-                except OSError as exc:
-                    log.error("cannot start the child", command=command[0], error=exc.strerror or str(exc))
-                    if listener is not None:
-                        await listener.aclose()
-                        settings.socket.unlink(missing_ok=True)  # ours: leave no socket behind
-                    return EX_NOINPUT_CHILD
-            async with listener or contextlib.nullcontext(), anyio.create_task_group() as tg:
-                running = anyio.CancelScope()
-
-                async def background() -> None:
-                    with running:
-                        async with anyio.create_task_group() as inner:
-                            inner.start_soon(daemon.tail.run)
-                            inner.start_soon(daemon.persist_loop)
-                            inner.start_soon(daemon.checkpoint_loop)
-                            inner.start_soon(daemon.probe_peers)
-                            if listener is not None:
-                                inner.start_soon(control.serve, listener, daemon.handle)
-
-                tg.start_soon(background)
-                tg.start_soon(notifier.watchdog)
-                tg.start_soon(reaper, child.process.pid if child else None)
-                if child:
-                    tg.start_soon(child.wait)
-                notifier.notify("READY=1")
-                notifier.status(daemon.status_line())
-                log.info(
-                    "agentd started",
-                    agentapi=settings.agentapi_url,
-                    coderd=settings.coderd_url,
-                    task=str(settings.task_id),
-                    socket=str(settings.socket),
-                    max_messages=settings.max_messages,
-                    max_bytes=settings.max_bytes,
-                    shutdown_timeout=settings.shutdown_timeout,
-                )
-                signum = early_signals[0] if early_signals else await _wait_for_stop(signals, child)
-                end = anyio.current_time() + settings.shutdown_timeout  # exit by then, whatever happens
-                # The upload's deadline leaves room to write the state and exit, and in supervise
-                # mode the child's stop time (settings check it is below the shutdown timeout).
-                upload_deadline = end - min(0.25, settings.shutdown_timeout / 10)
-                if child is not None and signum is not None:
-                    upload_deadline = end - settings.child_stop_timeout
-                notifier.notify("STOPPING=1")
-                why = signal.Signals(signum).name if signum is not None else "child exited"
-                log.info("shutting down", why=why, timeout=settings.shutdown_timeout)
-                running.cancel()  # tail, checkpoints, control socket: the final upload owns coderd now
-                status = await _shutdown(daemon, upload_deadline, end, signals, tg, child)
-                with anyio.move_on_after(max(0.1, end - anyio.current_time())):
-                    await daemon.persist()  # the buffer as it was at the stop, for the next start
-                if child is not None:
-                    if child.exited.is_set():
-                        status = exit_status(child.returncode)
-                    else:
-                        left = max(0.1, end - anyio.current_time())
-                        status = await child.stop(signum or signal.SIGTERM, min(settings.child_stop_timeout, left))
-                tg.cancel_scope.cancel()
-    if listener is not None:  # only the socket this daemon made
-        try:
-            settings.socket.unlink(missing_ok=True)
-        except OSError:
-            pass
+    listener: anyio.abc.SocketListener | None = None
+    before = _handlers()
+    try:
+        with anyio.open_signal_receiver(*HANDLED) as receiver:
+            early = list(globals()["early_signals"] if early_signals is None else early_signals)  # complete now
+            async with Daemon(settings, notifier) as daemon:
+                daemon.load()
+                listener = await _open_control(settings)
+                child = await _start_child(command, listener)
+                status = await _Run(daemon, notifier, listener, child).main(receiver, early)
+    except _CannotStart as exc:
+        return exc.status
+    finally:
+        _restore(before)
+        if listener is not None:  # only the socket this daemon made
+            with contextlib.suppress(OSError):
+                socket_path(settings).unlink(missing_ok=True)
     notifier.close()
     return status
 
 
-async def _next_stop_signal(signals: Any, child: Child | None) -> int:
-    """Wait for SIGTERM/SIGINT and return its number; SIGHUP/SIGUSR1 go on to the child."""
-    async for signum in signals:
-        if child is not None and signum in FORWARDED:
-            child.send(signum)
-            continue
-        return signum
-    raise RuntimeError("signal receiver closed")
+Handlers = dict[int, Any]
 
 
-async def _wait_for_stop(signals: Any, child: Child | None) -> int | None:
-    """The stop signal's number, or None when the child exited first."""
-    stop: int | None = None
-    async with anyio.create_task_group() as tg:
+def _handlers() -> Handlers:
+    """The Python-level handlers of :data:`HANDLED` signals now (main thread only, else none)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.getsignal(signum) for signum in HANDLED}
 
-        async def on_signal() -> None:
-            nonlocal stop
-            stop = await _next_stop_signal(signals, child)
+
+def _restore(handlers: Handlers) -> None:
+    """Put ``handlers`` back. asyncio resets a signal to its default action when its receiver
+    closes; between then and the exit a late SIGTERM must meet the caller's handler (the CLI's,
+    which records it), not the default action."""
+    for signum, handler in handlers.items():
+        if handler is not None:
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(signum, handler)
+
+
+async def _open_control(settings: Settings) -> anyio.abc.SocketListener | None:
+    """The control socket's listener; None (and a warning) when it cannot be made. Raises
+    :class:`_CannotStart` when another daemon answers on it."""
+    try:
+        return await control.open_listener(socket_path(settings))
+    except control.SocketInUse as exc:
+        log.error("cannot start", error=str(exc))
+        raise _CannotStart(EX_CANTCREAT) from None
+    except control.ControlError as exc:  # e.g. a read-only state dir: storing matters more
+        log.warning("running without the control socket; agentd snapshot/status cannot reach this daemon", error=str(exc))
+        return None
+
+
+async def _start_child(command: Sequence[str] | None, listener: anyio.abc.SocketListener | None) -> Child | None:
+    """``agentd supervise``'s child, started; None without a command. Raises
+    :class:`_CannotStart` (127) when it cannot be executed."""
+    if not command:
+        return None
+    try:
+        return await Child.start(command)
+    except OSError as exc:
+        log.error("cannot start the child", command=command[0], error=exc.strerror or str(exc))
+        if listener is not None:
+            await listener.aclose()
+        raise _CannotStart(EX_NOINPUT_CHILD) from None
+
+
+class _Run:
+    """One run of the daemon: the task group, the signals, and the stop sequence."""
+
+    def __init__(self, daemon: Daemon, notifier: Notifier, listener: anyio.abc.SocketListener | None,
+                 child: Child | None) -> None:
+        self.daemon, self.settings, self.notifier = daemon, daemon.settings, notifier
+        self.listener, self.child = listener, child
+        self.policy = SignalPolicy()
+        self.stop_now = anyio.Event()  # a stop signal, or the child exited
+        self.give_up = anyio.Event()  # a deliberate second stop signal
+        self.running = anyio.CancelScope()  # tail, persistence, checkpoints, control socket
+        self.wound_down = anyio.Event()
+        self.inner: anyio.abc.TaskGroup | None = None
+        self.storing_on_signal = False
+
+    async def main(self, receiver: Any, early: Sequence[EarlySignal]) -> int:
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._background)
+            tg.start_soon(self._signals, receiver, early)
+            tg.start_soon(self.notifier.watchdog)
+            tg.start_soon(reaper, self.child.process.pid if self.child else None)
+            if self.child is not None:
+                tg.start_soon(self._watch_child, self.child)
+            self._started()
+            await self.stop_now.wait()
+            status = await self._stop(self.policy.stop_signal)
             tg.cancel_scope.cancel()
+        if self.listener is not None:
+            await self.listener.aclose()
+        return status
 
-        async def on_exit() -> None:
-            assert child is not None
-            await child.exited.wait()
-            tg.cancel_scope.cancel()
+    def _started(self) -> None:
+        s = self.settings
+        self.notifier.notify("READY=1")
+        self.notifier.status(self.daemon.status_line())
+        log.info(
+            "agentd started",
+            agentapi=s.agentapi_url,
+            coderd=s.coderd_url,
+            task=str(s.task_id),
+            socket=str(s.socket),
+            max_messages=s.max_messages,
+            max_bytes=s.max_bytes,
+            shutdown_timeout=s.shutdown_timeout,
+        )
 
-        tg.start_soon(on_signal)
-        if child is not None:
-            tg.start_soon(on_exit)
-    return stop
+    async def _background(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with self.running:
+                async with anyio.create_task_group() as inner:
+                    self.inner = inner
+                    inner.start_soon(self.daemon.tail.run)
+                    inner.start_soon(self.daemon.persist_loop)
+                    inner.start_soon(self.daemon.checkpoint_loop)
+                    inner.start_soon(self.daemon.probe_peers)
+                    if self.listener is not None:
+                        inner.start_soon(control.serve, self.listener, control.handler(self.daemon))
+                    task_status.started()
+        finally:
+            self.inner = None
+            self.wound_down.set()
 
+    async def _watch_child(self, child: Child) -> None:
+        await child.wait()
+        self.stop_now.set()
 
-async def _shutdown(
-    daemon: Daemon, deadline: float, end: float, signals: Any, tg: anyio.abc.TaskGroup, child: Child | None
-) -> int:
-    """Store by ``deadline``; cut at ``end`` whatever happens; a second signal gives up at once."""
-    gave_up = False
-    with anyio.CancelScope() as scope:
+    # -- signals ---------------------------------------------------------------------------
 
-        async def second_signal() -> None:
-            nonlocal gave_up
-            # Two stops during start-up (before the receiver existed) count as a second signal too.
-            signum = early_signals[1] if len(early_signals) > 1 else await _next_stop_signal(signals, child)
-            log.error("second signal: giving up on the snapshot", signal=signal.Signals(signum).name)
-            gave_up = True
-            scope.cancel()
+    async def _signals(self, receiver: Any, early: Sequence[EarlySignal]) -> None:
+        """Act on the early signals, then on each signal as it arrives, until cancelled."""
+        now = time.monotonic()
+        for entry in early:
+            signum, at = entry if isinstance(entry, tuple) else (entry, now)
+            self._deliver(signum, at)
+        async for signum in receiver:
+            self._deliver(signum, time.monotonic())
 
-        tg.start_soon(second_signal)
-        with anyio.move_on_after(max(0.0, end - anyio.current_time())):
-            result = await daemon.store(deadline)
+    def _deliver(self, signum: int, at: float) -> None:
+        action = self.policy.classify(signum, at)
+        if action is Action.STOP:
+            self.stop_now.set()
+        elif action is Action.GIVE_UP:
+            log.error("second signal: giving up on the snapshot", signal=name(signum))
+            self.give_up.set()
+        elif action is Action.SNAPSHOT:
+            self._snapshot_signal(signum)
+        elif action is Action.REPEAT:
+            log.info("signal repeated within a second: counted once", signal=name(signum),
+                     hint=GIVE_UP_HINT if self.stop_now.is_set() else None)
+        else:
+            log.warning("signal ignored", signal=name(signum))
+
+    def _snapshot_signal(self, signum: int) -> None:
+        """SIGUSR1: store now, then forward it to the child; once stopping, only forward it."""
+        if self.stop_now.is_set() or self.inner is None:
+            if self.child is not None:
+                self.child.send(signum)
+            return
+        if self.storing_on_signal:
+            log.info("snapshot on signal already in progress", signal=name(signum))
+            return
+        self.storing_on_signal = True
+        self.inner.start_soon(self._store_on_signal, signum)
+
+    async def _store_on_signal(self, signum: int) -> None:
+        try:
+            self.daemon.supersede_checkpoint()
+            result = await self.daemon.store(anyio.current_time() + self.settings.shutdown_timeout, why=name(signum))
+            log.info("snapshot on signal", signal=name(signum), result=result.result, line=result.line())
+        finally:
+            self.storing_on_signal = False
+            if self.child is not None:  # agentapi saves its state on SIGUSR1: after ours
+                self.child.send(signum)
+
+    # -- the stop --------------------------------------------------------------------------
+
+    async def _stop(self, signum: int | None) -> int:
+        """Store by the upload deadline, write the state, stop the child; the exit status."""
+        s = self.settings
+        now = anyio.current_time()
+        room = s.child_stop_timeout if self.child is not None and signum is not None else None
+        deadlines = stop_deadlines(now, s.shutdown_timeout, room)
+        self.notifier.notify("STOPPING=1")
+        why = name(signum) if signum is not None else "child exited"
+        log.info("shutting down", why=why, timeout=s.shutdown_timeout, hint=GIVE_UP_HINT)
+        self.running.cancel()  # the /events stream closes before the child is signalled
+        with anyio.move_on_after(step_timeout(now, deadlines.end, WIND_DOWN_TIMEOUT)):
+            await self.wound_down.wait()
+        status = await self._store_or_give_up(deadlines)
+        with anyio.move_on_after(step_timeout(anyio.current_time(), deadlines.end)):
+            await self.daemon.persist()  # the buffer as it was at the stop, for the next start
+        if self.child is not None:
+            left = step_timeout(anyio.current_time(), deadlines.end, s.child_stop_timeout)
+            status = await finish(self.child, signum or signal.SIGTERM, left)
+        return status
+
+    async def _store_or_give_up(self, deadlines: StopDeadlines) -> int:
+        """Store by ``deadlines.upload``; cut at ``deadlines.end``, or at once on a second signal."""
+        result: StoreResult | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def give_up() -> None:
+                await self.give_up.wait()
+                tg.cancel_scope.cancel()
+
+            async def store() -> None:
+                nonlocal result
+                with anyio.move_on_after(max(0.0, deadlines.end - anyio.current_time())):
+                    result = await self.daemon.store(deadlines.upload)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(give_up)
+            tg.start_soon(store)
+        if result is not None:
             return EXIT_STORED if result.ok else EXIT_NOT_STORED
-        log.error("snapshot not stored: shutdown deadline passed")
-    if gave_up:
-        log.error("snapshot not stored: gave up on a second signal")
-    return EXIT_NOT_STORED
+        if self.give_up.is_set():
+            log.error("snapshot not stored: gave up on a second signal")
+        else:
+            log.error("snapshot not stored: shutdown deadline passed")
+        return EXIT_NOT_STORED
 
 
 async def store_once(settings: Settings, timeout: float) -> StoreResult:

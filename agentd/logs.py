@@ -1,7 +1,11 @@
 """Logging with structlog: JSON lines off a TTY (journald, containers), a console view on one.
 
 Secrets registered with :func:`add_secret` (the agent token) are replaced by ``[REDACTED]`` in
-every rendered line, whatever carried them: an event field, an exception text, a traceback.
+every rendered line, whatever carried them: an event field, an exception text, a traceback. So
+is the userinfo of any URL (``https://user:password@host`` is shown as
+``https://[REDACTED]@host``), registered or not: the same :func:`redact` guards the control
+socket's answers (``agentd status --json``), the client commands' output and the settings'
+error lines.
 
 Under systemd (``$JOURNAL_STREAM`` names the stream's device and inode, systemd.exec(5)) each
 line starts with its syslog priority, ``<4>`` for a warning, as sd-daemon(3) describes, and
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re  # already loaded by json: free
 import sys
 
 TYPE_CHECKING = False  # typing's own costs an import on the probe path; mypy reads this one too
@@ -47,6 +52,11 @@ PRIORITY = {
 }
 
 
+#: ``scheme://userinfo@``: RFC 3986 userinfo holds no ``/ ? # @``; quotes and backslashes end it
+#: too (a URL inside JSON or a repr).
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s\"'\\]+@")
+
+
 def add_secret(value: str) -> None:
     """Never let ``value`` appear in a log line, as is or escaped the way JSON or a repr would
     write it (values shorter than 4 characters are ignored)."""
@@ -54,11 +64,25 @@ def add_secret(value: str) -> None:
         _SECRETS.update({value, json.dumps(value)[1:-1], repr(value)[1:-1]})
 
 
+def add_url_secrets(url: str) -> None:
+    """Register the userinfo of ``url`` (``user:password``, and the password alone) with
+    :func:`add_secret`, so it is hidden even where it shows without its URL."""
+    _scheme, sep, rest = url.partition("://")
+    userinfo, at, _host = rest.partition("/")[0].rpartition("@")
+    if sep and at and userinfo:
+        add_secret(userinfo)
+        password = userinfo.partition(":")[2]
+        if password:
+            add_secret(password)
+
+
 def redact(text: str) -> str:
-    """``text`` with every registered secret replaced by ``[REDACTED]``."""
+    """``text`` with every registered secret and every URL's userinfo replaced by ``[REDACTED]``."""
     for secret in _SECRETS:
         if secret in text:
             text = text.replace(secret, REDACTED)
+    if "@" in text:
+        text = _USERINFO.sub(rf"\g<scheme>{REDACTED}@", text)
     return text
 
 

@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     )
     # supervise: of shutdown_timeout, the time the child gets to exit after the snapshot.
     child_stop_timeout: float = Field(
-        default=3.0, gt=0, le=3600, description="seconds the child gets to exit after the snapshot, within the shutdown timeout",
+        default=5.5, gt=0, le=3600, description="seconds the child gets to exit after the snapshot, within the shutdown timeout",
         json_schema_extra=_meta("SECONDS"),
     )
     socket: Path = Field(

@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from agentd.coderd import UploadOutcome
 from agentd.logs import get_logger
 from agentd.messages import InvalidMessage, Message, parse_message
+from agentd.outcome import UploadOutcome
 from agentd.settings import ConfigError
 
 log = get_logger("agentd.state")

@@ -12,41 +12,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from typing import TYPE_CHECKING, Any
 
+from agentd.outcome import as_json as upload_view  # the one JSON shape of an upload outcome
+from agentd.outcome import iso
 from agentd.snapshot import TRUNCATION_MARKER, Snapshot, build_snapshot
 
 if TYPE_CHECKING:
     from agentd.agentapi import AgentAPITail
     from agentd.buffer import RingBuffer
-    from agentd.coderd import UploadOutcome
+    from agentd.outcome import UploadOutcome
     from agentd.settings import Settings
 
 #: Characters of a message's first and last line shown in the view.
 LINE_CHARS = 120
 
 _MARKER = re.compile(re.escape(TRUNCATION_MARKER).replace(re.escape("{n}"), r"(\d+)"))
-
-
-def iso(ts: float) -> str:
-    """A ``time.time()`` as ``2026-12-01T07:00:00Z``."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def upload_view(outcome: UploadOutcome | None) -> dict[str, Any] | None:
-    """The last upload as ``agentd status --json`` shows it (None before the first)."""
-    if outcome is None:
-        return None
-    return {
-        "outcome": "stored" if outcome.stored else "failed",
-        "http_status": outcome.status,
-        "time": iso(outcome.at),
-        "bytes": outcome.bytes,
-        "messages": outcome.messages,
-        "attempts": outcome.attempts,
-        "reason": outcome.reason or None,
-    }
 
 
 def _edge_lines(text: str) -> tuple[str, str]:

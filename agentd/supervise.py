@@ -15,6 +15,9 @@ The orchestrator (:mod:`agentd.daemon`) decides *when*; this module knows *how*:
   which come from agentd or not at all. agentapi needs neither: it runs the agent in a
   terminal of its own;
 * :meth:`Child.stop` forwards a signal, waits up to a bound (seconds) and SIGKILLs if it must;
+  :func:`finish` does so unless the child has exited already. Which signal reaches the child
+  and when is the daemon's: the stop signal (SIGTERM, SIGINT or SIGHUP, which agentapi all
+  treats as shutdown) after the snapshot is stored; SIGUSR1 after a snapshot too;
 * :func:`exit_status` mirrors the child's status the way shells do (128 + signal number for a
   signalled child);
 * as PID 1 (a container without an init) :func:`reap_orphans` reaps re-parented grandchildren
@@ -34,10 +37,6 @@ import anyio.abc
 from agentd.logs import get_logger
 
 log = get_logger("agentd.supervise")
-
-#: Signals passed on to the child as they arrive (SIGTERM/SIGINT are handled by the shutdown).
-FORWARDED = (signal.SIGHUP, signal.SIGUSR1)
-
 
 def exit_status(returncode: int) -> int:
     """The status to exit with for a child's ``returncode`` (negative: killed by that signal)."""
@@ -74,17 +73,25 @@ class Child:
         with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(signal.Signals(signum))
 
-    async def stop(self, signum: int, timeout: float) -> int:
-        """Send ``signum``, wait up to ``timeout`` seconds, then SIGKILL. Returns the exit status."""
+    async def stop(self, signum: int, grace: float) -> int:
+        """Send ``signum``, wait up to ``grace`` seconds, then SIGKILL. Returns the exit status."""
         self.send(signum)
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(grace):
             await self.exited.wait()
         if not self.exited.is_set():
-            log.warning("child did not exit in time; killing it", pid=self.process.pid, waited=timeout)
+            log.warning("child did not exit in time; killing it", pid=self.process.pid, waited=grace)
             self.send(signal.SIGKILL)
             with anyio.move_on_after(1):  # SIGKILL is immediate unless the child is stuck in the kernel
                 await self.exited.wait()
         return exit_status(self.returncode if self.returncode is not None else -signal.SIGKILL)
+
+
+async def finish(child: Child, signum: int, grace: float) -> int:
+    """The child's exit status: at once if it has exited, else after :meth:`Child.stop`
+    (``signum``, up to ``grace`` seconds, then SIGKILL)."""
+    if child.exited.is_set() and child.returncode is not None:
+        return exit_status(child.returncode)
+    return await child.stop(signum, grace)
 
 
 def reap_orphans(child_pid: int | None) -> int:

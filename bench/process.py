@@ -107,8 +107,13 @@ class Shutdown:
 
     @property
     def ratio(self) -> float:
-        """agentd's median over curl POST's median (same run)."""
+        """agentd's median (SIGTERM -> exit) over curl POST's median (same run)."""
         return self.agentd.median / self.curl_post.median
+
+    @property
+    def stored_ratio(self) -> float:
+        """SIGTERM -> coderd's 204, median, over curl POST's median (same run): issue 13's target."""
+        return self.to_stored.median / self.curl_post.median
 
 
 def shutdown(standins: Standins, conversation: list[tuple[str, str]], runs: int) -> Shutdown:

@@ -30,6 +30,7 @@ from the host's ``/proc``: the grandchild is seen re-parented to agentd, then mu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,6 +47,8 @@ import anyio.abc
 import pytest
 from support import EXIT_SLACK, assert_token_absent, clean_env, free_port, json_lines, wait_until
 
+from agentd.settings import Settings
+from agentd.signals import REPEAT_WINDOW
 from agentd.testing import FakeCoderd, generic_conversation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +112,16 @@ CHILD_SCRIPT = textwrap.dedent(
                     tg.start_soon(exit_later, api, tg)
                 async for signum in signals:
                     note(f"{signal.Signals(signum).name} {time.time():.6f}")
-                    if signum in (signal.SIGTERM, signal.SIGINT) and args.on_term.startswith("exit:"):
+                    stop = signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+                    if stop and api is not None:
+                        # agentapi's HTTP shutdown waits up to 5 s for open /events streams: how
+                        # many are still open, and how long until none is (3 s at most)
+                        began = time.monotonic()
+                        with anyio.move_on_after(3):
+                            while api.subscribers:
+                                await anyio.sleep(0.005)
+                        note(f"STREAMS {api.subscribers} {time.monotonic() - began:.6f}")
+                    if stop and args.on_term.startswith("exit:"):
                         note(f"EXIT {time.time():.6f}")
                         os._exit(int(args.on_term[5:]))
 
@@ -195,14 +207,10 @@ class Proc:
         except OSError:
             kids = []
         for kid in kids:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(int(kid), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         with anyio.move_on_after(5):
             await self.process.wait()
 
@@ -295,7 +303,7 @@ pytestmark = pytest.mark.anyio
 # ---- SIGTERM / SIGINT: store first, then stop the child, then mirror its status --------------------
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 async def test_stop_signal_stores_while_agentapi_alive_then_mirrors_exit(
     anyio_backend: str, tmp_path: Path, short_dir: Path, stop_signal: signal.Signals
 ) -> None:
@@ -438,7 +446,7 @@ async def test_child_exiting_on_its_own_is_stored_and_mirrored(
 # ---- forwarded signals --------------------------------------------------------------------------------
 
 
-async def test_sigusr1_reaches_agentapi_and_agentd_keeps_running(
+async def test_sigusr1_stores_then_reaches_agentapi_and_agentd_keeps_running(
     anyio_backend: str, tmp_path: Path, short_dir: Path
 ) -> None:
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
@@ -451,12 +459,15 @@ async def test_sigusr1_reaches_agentapi_and_agentd_keeps_running(
         try:
             await proc.started()
             await wait_until(lambda: "agentapi listening on" in proc.out(), START_TIMEOUT, "the child's listening line")
+            await wait_buffered(short_dir / "agentd.sock", 2)
             proc.signal(signal.SIGUSR1)
             await wait_until(lambda: [w for w, _ in read_log(sig_log)] == ["SIGUSR1"], 30, "SIGUSR1 at the child")
             await wait_until(state_file.exists, 30, "agentapi's saved state")  # agentapi saves on SIGUSR1
-            await anyio.sleep(0.3)
             assert proc.process.returncode is None, "agentd must keep running after SIGUSR1"
-            assert not coderd.requests, "SIGUSR1 is not a stop: nothing uploaded"
+            # SIGUSR1 is `agentd snapshot`: stored first, then agentapi saves its own state.
+            [upload] = coderd.answered(204)
+            assert upload.time < first(sig_log, "SIGUSR1")
+            assert "snapshot on signal" in proc.events()
             sent = proc.signal(signal.SIGTERM)
             status = await proc.exit_status(10)
         finally:
@@ -464,40 +475,90 @@ async def test_sigusr1_reaches_agentapi_and_agentd_keeps_running(
 
     assert status == 0, proc.err()
     assert [w for w, _ in read_log(sig_log)] == ["SIGUSR1", "SIGTERM"]
-    assert sent <= coderd.stored[TASK].snapshot_at < first(sig_log, "SIGTERM")
+    assert len(coderd.requests) == 1, "the stop found coderd already holding this exact body"
+    assert coderd.stored[TASK].snapshot_at < sent
     assert stored_pairs(coderd) == expected_messages(2)
     proc.assert_no_token()
 
 
-async def test_sighup_and_sigusr1_forwarded_and_child_output_passes_through(
+async def test_sighup_stops_sigusr1_forwarded_others_ignored_and_child_output_passes_through(
     anyio_backend: str, tmp_path: Path, short_dir: Path, child_script: Path
 ) -> None:
+    """SIGUSR1 reaches the child (after a store: nothing to store here), SIGUSR2 and SIGALRM are
+    logged and ignored (not forwarded, not fatal), SIGHUP stops agentd and the child like
+    SIGTERM does (agentapi treats SIGHUP as shutdown)."""
     log = tmp_path / "child.log"
-    env = agentd_env(anyio_backend, short_dir, coderd_url=f"http://127.0.0.1:{free_port()}",
-                     agentapi_port=free_port())
-    marker = uuid.uuid4().hex
-    proc = await start(supervise(*script(child_script, log, "--on-term", "exit:3", "--say", marker)), env, tmp_path)
-    try:
-        await proc.started()
-        await child_ready(log)
-        # The child's stdout is agentd's stdout, its stderr agentd's stderr: no pipe, no prefix.
-        await wait_until(lambda: f"child says {marker} on stdout\n" in proc.out(), 30, "the child's stdout line")
-        await wait_until(lambda: f"child says {marker} on stderr\n" in proc.err(), 30, "the child's stderr line")
-        assert "on stderr" not in proc.out() and "on stdout" not in proc.err()
-        for n, signum in enumerate([signal.SIGHUP, signal.SIGUSR1, signal.SIGHUP], start=1):
-            proc.signal(signum)
-            await wait_until(lambda: len([w for w, _ in read_log(log) if w.startswith("SIG")]) == n, 5,
-                       f"{signum.name} at the child")
-        await anyio.sleep(0.3)
-        assert proc.process.returncode is None, "agentd must keep running after SIGHUP/SIGUSR1"
-        proc.signal(signal.SIGTERM)
-        status = await proc.exit_status(10)
-    finally:
-        await proc.close()
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    async with coderd.serve():
+        env = agentd_env(anyio_backend, short_dir, coderd_url=coderd.url, agentapi_port=free_port())
+        marker = uuid.uuid4().hex
+        proc = await start(supervise(*script(child_script, log, "--on-term", "exit:3", "--say", marker)), env, tmp_path)
+        try:
+            await proc.started()
+            await child_ready(log)
+            # The child's stdout is agentd's stdout, its stderr agentd's stderr: no pipe, no prefix.
+            await wait_until(lambda: f"child says {marker} on stdout\n" in proc.out(), 30, "the child's stdout line")
+            await wait_until(lambda: f"child says {marker} on stderr\n" in proc.err(), 30, "the child's stderr line")
+            assert "on stderr" not in proc.out() and "on stdout" not in proc.err()
+            proc.signal(signal.SIGUSR1)
+            await wait_until(lambda: [w for w, _ in read_log(log) if w.startswith("SIG")] == ["SIGUSR1"], 10,
+                             "SIGUSR1 at the child")
+            for signum in (signal.SIGUSR2, signal.SIGALRM):
+                proc.signal(signum)
+                await wait_until(lambda s=signum: any(d.get("event") == "signal ignored" and d.get("signal") == s.name
+                                                      for d in json_lines(proc.err())), 30, f"{signum.name} logged")
+            assert proc.process.returncode is None, "agentd must keep running after SIGUSR1/SIGUSR2/SIGALRM"
+            proc.signal(signal.SIGHUP)
+            status = await proc.exit_status(10)
+        finally:
+            await proc.close()
 
-    assert [w for w, _ in read_log(log) if w.startswith("SIG")] == ["SIGHUP", "SIGUSR1", "SIGHUP", "SIGTERM"]
+    assert [w for w, _ in read_log(log) if w.startswith("SIG")] == ["SIGUSR1", "SIGHUP"]
     assert status == 3, proc.err()
+    logged = json_lines(proc.err())
+    assert any(d.get("event") == "shutting down" and d.get("why") == "SIGHUP" for d in logged)
+    assert not coderd.requests, "nothing to store: agentapi never answered"
     proc.assert_no_token()
+
+
+async def test_events_stream_closed_before_the_child_is_signalled(
+    anyio_backend: str, tmp_path: Path, short_dir: Path, child_script: Path
+) -> None:
+    """agentapi's HTTP shutdown waits up to 5 s for open connections, agentd's ``/events`` stream
+    among them: agentd closes it before signalling the child, so that wait costs nothing."""
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    port = free_port()
+    log = tmp_path / "child.log"
+    async with coderd.serve():
+        env = agentd_env(anyio_backend, short_dir, coderd_url=coderd.url, agentapi_port=port)
+        cmd = supervise(*script(child_script, log, "--on-term", "exit:0", "--agentapi-port", str(port)))
+        proc = await start(cmd, env, tmp_path)
+        try:
+            await proc.started()
+            await child_ready(log)
+            await wait_until(lambda: "agentapi connected" in proc.events(), START_TIMEOUT, "agentd's tail to connect")
+            proc.signal(signal.SIGTERM)
+            status = await proc.exit_status(10)
+        finally:
+            await proc.close()
+
+    assert status == 0, proc.err()
+    assert stored_pairs(coderd) == expected_messages(4)
+    [streams] = [rest for w, rest in read_log(log) if w == "STREAMS"]
+    assert int(streams[0]) == 0, f"agentd's /events stream still open {streams[1]} s after the child's SIGTERM"
+    proc.assert_no_token()
+
+
+def test_child_stop_timeout_default_fits_agentapi_and_docker() -> None:
+    """agentapi stops in up to ~5 s (its HTTP shutdown, then SIGINT to the agent and up to 5 s
+    before SIGKILL); the default leaves it that, and the upload some time, inside the default
+    shutdown timeout, itself inside Docker's 10 s."""
+    fields = Settings.model_fields
+    child_stop = fields["child_stop_timeout"].default
+    shutdown = fields["shutdown_timeout"].default
+    assert child_stop > 5.0, "agentapi's agent gets 5 s before its SIGKILL: agentd must not kill it sooner"
+    assert shutdown - child_stop >= 2.0, "the upload keeps at least 2 s of the shutdown budget"
+    assert shutdown < 10.0, "inside docker stop's 10 s"
 
 
 # ---- coderd down: the child is stopped within the bound anyway ---------------------------------------
@@ -528,7 +589,9 @@ async def test_coderd_down_child_still_stopped_within_bound(
                 # SIGUSR1 during the (hanging) upload is still forwarded, and is not a second stop.
                 proc.signal(signal.SIGUSR1)
             if coderd_state == "hanging-second-sigterm":
-                second = proc.signal(signal.SIGTERM)  # a second stop: give up on coderd now
+                # A deliberate second stop (not a repeat within a second): give up on coderd now.
+                await anyio.sleep(max(0.0, sent + REPEAT_WINDOW + 0.05 - time.time()))
+                second = proc.signal(signal.SIGTERM)
             status = await proc.exit_status(shutdown + 5)
             done = time.time()
         finally:
