@@ -910,7 +910,9 @@ async def test_sigterm_while_a_checkpoint_upload_hangs(anyio_backend: str, tmp_p
     timing(f"sigterm-during-checkpoint[{anyio_backend}]", took)
     assert rc == 0, d.output()[-3000:]
     assert took < WELL_BEFORE
-    assert len(coderd.requests) == 2 and coderd.requests[1].status == 204
+    # The stop uploads the live tail's buffer, then a second time if the confirming GET /messages
+    # held the message added just before SIGTERM that the stream had not delivered yet.
+    assert 2 <= len(coderd.requests) <= 3 and all(r.status == 204 for r in coderd.requests[1:])
     assert_same_conversation(stored_messages(coderd), api)
 
 
