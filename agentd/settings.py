@@ -26,6 +26,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentd.exits import EX_CONFIG, ConfigError
+from agentd.logs import redact
 from agentd.paths import default_socket_path, default_state_dir
 from agentd.snapshot import CODERD_MAX_BODY, MIN_MAX_BYTES
 
@@ -229,7 +230,7 @@ def _describe(error: Any) -> str:
         message = words.format_map(context)
     elif kind != "value_error":
         message = "cannot be used as given"
-    shown = "" if "token" in field else f", got {str(error.get('input'))[:60]!r}"
+    shown = "" if "token" in field else f", got {redact(str(error.get('input')))[:60]!r}"  # no URL's password
     return f"{_named(field)} {message}{shown}"
 
 

@@ -165,3 +165,16 @@ def test_url_userinfo_is_redacted(text: str, shown: str) -> None:
 def test_url_secrets_are_hidden_even_without_their_url() -> None:
     logs.add_url_secrets("https://carol:pw-7f3a9c@coder.example.com")
     assert logs.redact("auth failed for pw-7f3a9c") == "auth failed for [REDACTED]"
+
+
+def test_a_bad_url_setting_is_named_without_its_password() -> None:
+    import uuid
+
+    from agentd.settings import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(coderd_url="ftp://bob:pw-in-a-bad-url@coder.example.com", agent_token="t0ken-value",
+                      task_id=str(uuid.uuid4()))
+    text = str(caught.value)
+    assert "CODER_AGENT_URL" in text and "[REDACTED]@coder.example.com" in text
+    assert "pw-in-a-bad-url" not in text
