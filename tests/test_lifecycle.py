@@ -125,10 +125,11 @@ def test_one_json_shape_read_back_from_it_and_from_state_files(outcome: UploadOu
 
 
 def test_the_snapshot_answer_and_status_show_the_same_shape() -> None:
-    from agentd.daemon import StoreResult, _upload_dict
+    from agentd.daemon import StoreResult
+    from agentd.status import upload_view
 
     o = UploadOutcome(True, 204, 1, 486, 4, "", 1_767_225_600.0)
-    assert StoreResult("stored", o).as_dict()["outcome"] == _upload_dict(o) == {
+    assert StoreResult("stored", o).as_dict()["outcome"] == upload_view(o) == {
         "outcome": "stored", "http_status": 204, "time": "2026-01-01T00:00:00Z", "bytes": 486, "messages": 4,
         "attempts": 1, "reason": None,
     }
