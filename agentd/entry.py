@@ -24,6 +24,14 @@ import time
 from collections.abc import Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Signals whose default action would end the process but that mean no stop to agentd
+#: (agentd.signals.SNAPSHOT and IGNORED, named here to keep this module's imports minimal):
+#: ignored from the first instant; the daemon's own handlers take them over once it runs.
+QUIET_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR")
+    if hasattr(signal, name)
+)
 
 
 class EarlySignals(list[int]):
@@ -33,7 +41,8 @@ class EarlySignals(list[int]):
     Python runs a handler once for any number of deliveries of one signal between two of its
     bytecodes (two SIGTERMs 10 ms apart during a long import are one call), so each delivery is
     also counted through a wakeup pipe, into which the C-level handler writes a byte per
-    delivery: two quick SIGTERMs stay two, and the second still means "give up".
+    delivery: two quick SIGTERMs stay two, each with its time, and the daemon's signal policy
+    (:mod:`agentd.signals`) decides what they mean (within a second of each other: one stop).
     """
 
     def __init__(self) -> None:
@@ -48,7 +57,8 @@ class EarlySignals(list[int]):
         return TimedSignals(self)
 
     def install(self) -> EarlySignals:
-        """Remember SIGTERM, SIGINT and SIGHUP from now on, instead of dying."""
+        """Remember SIGTERM, SIGINT and SIGHUP from now on, instead of dying; ignore
+        :data:`QUIET_SIGNALS` (SIGUSR1, SIGUSR2, SIGALRM, ...) until the daemon takes them."""
         import os
 
         try:
@@ -58,6 +68,8 @@ class EarlySignals(list[int]):
             self._pipe = -1
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._remember)
+        for signum in QUIET_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         return self
 
     def _remember(self, signum: int, _frame: object) -> None:
@@ -98,6 +110,8 @@ class EarlySignals(list[int]):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        for signum in QUIET_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 class TimedSignals:

@@ -12,6 +12,7 @@ Wall times are printed as ``FAULT-TIMING <case> <seconds>`` (see them with ``-s`
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
@@ -725,6 +726,45 @@ async def test_sigterm_during_startup_still_stores(anyio_backend: str, tmp_path:
     assert took < WELL_BEFORE
     assert_same_conversation(stored_messages(coderd), api)
     assert d.events("shutting down")[0]["why"] == "SIGTERM"
+
+
+def _sigusr1_ignored(pid: int) -> bool:
+    """True once the process ignores SIGUSR1 (``SigIgn`` in /proc/<pid>/status): the entry shim's
+    first act, before any import of the daemon."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGUSR1 - 1)))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return False
+
+
+async def test_stray_signals_during_startup_do_not_kill(anyio_backend: str, tmp_path: Path) -> None:
+    """SIGUSR1, SIGUSR2 and SIGALRM while agentd is still importing (their default action would
+    end it): ignored until the daemon takes them over; it starts, and SIGTERM stores."""
+    api = FakeAgentAPI()
+    small_conversation(api)
+    coderd = FakeCoderd(token=TOKEN, tasks={TASK})
+    async with api.serve(), coderd.serve(), agentd(
+        anyio_backend, tmp_path, start=False, AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT=str(LONG_DEADLINE),
+        **coderd_env(coderd.url),
+    ) as d:
+        d.start()
+        with anyio.fail_after(WAIT):
+            while not _sigusr1_ignored(d.pid):
+                await anyio.lowlevel.checkpoint()
+        printed = d.output()
+        for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM):
+            os.kill(d.pid, signum)
+        await d.wait_started()
+        await api.wait_for_subscribers(1)
+        d.signal(signal.SIGTERM)
+        rc, _ = await d.wait_exit(LONG_DEADLINE + EXIT_SLACK)
+        d.assert_clean()
+    assert printed == "", "the signals were meant to arrive before agentd printed anything"
+    assert rc == 0, f"exit {rc}: {d.output()[-3000:]}"
+    assert_same_conversation(stored_messages(coderd), api)
 
 
 @pytest.mark.parametrize("when", ["upload-in-flight", "during-startup"])
