@@ -8,6 +8,7 @@ The pytest fixtures built on these (``short_dir``, ``log_stream``) are registere
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -96,10 +97,8 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     for line in text.splitlines():
         line = line.strip()
         if line.startswith("{"):
-            try:
+            with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
-            except ValueError:
-                pass
     return out
 
 

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
@@ -609,7 +610,7 @@ async def test_agentapi_slow_subscriber_is_dropped_at_max_queue() -> None:
                 while a.dropped_subscribers == 0:
                     sent += 1
                     api.update_last(f"{sent} {big}")
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
             assert a.subscribers == 0
             # The client resumes: it gets what was queued, then the stream just ends.
             received = 0
