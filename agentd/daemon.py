@@ -192,7 +192,7 @@ class Daemon:
         """Merge one ``GET /messages`` (``within`` seconds) into the buffer; on failure keep the
         buffer as it is."""
         try:
-            view = await fetch_messages(self.agentapi_client, self.settings.agentapi_url, within)
+            view = await fetch_messages(self.agentapi_client, self.settings.agentapi_url, within, buffer=self.buffer)
         except AgentAPIError as exc:
             log.warning("refresh failed; using the buffer as it is", error=str(exc))
             self.refresh_error = str(exc)

@@ -536,7 +536,8 @@ async def test_agentapi_messages_and_status() -> None:
 
 
 async def test_agentapi_time_format_is_rfc3339_nano() -> None:
-    ticks = iter([1_767_225_600_123_456_789, 1_767_225_600_500_000_000, 1_767_225_600_000_000_000])
+    # The first tick dates the PTY placeholder (message 0), which the first agent message fills.
+    ticks = iter([1_767_225_500_000_000_000, 1_767_225_600_123_456_789, 1_767_225_600_500_000_000, 1_767_225_600_000_000_000])
     api = FakeAgentAPI(clock=lambda: next(ticks))
     for _ in range(3):
         api.add_message("agent", "x")
@@ -632,13 +633,15 @@ async def test_agentapi_burst_beyond_max_queue_drops_even_a_reader() -> None:
         async with aconnect_sse(client, "GET", a.url + "/events") as source:
             events = source.aiter_sse()
             with anyio.fail_after(30):
+                await events.__anext__()  # the PTY placeholder, message 0
                 await events.__anext__()  # status_change
             await a.wait_for_subscribers(1)
-            for i in range(10):  # synchronous burst: no chance to drain in between
+            for i in range(10):  # synchronous burst, no chance to drain; the first fills the placeholder (id 0)
                 api.add_message("agent", f"m{i}")
             with anyio.fail_after(30):
                 got = [json.loads(s.data)["id"] async for s in events]
-            assert got == [0, 1, 2, 3]  # the queued 4, then the end
+            # The queued 4 (and the one a writer already waiting took straight away), then the end.
+            assert got in ([0, 1, 2, 3], [0, 1, 2, 3, 4])
             assert a.dropped_subscribers == 1
 
 
@@ -768,11 +771,13 @@ def test_fake_agentapi_process_signals_and_restart(tmp_path: Path) -> None:
     assert code == 0
     assert [line.split()[0] for line in siglog.read_text().splitlines()] == ["SIGUSR1", "SIGTERM"]
     # Restart with the saved state (no --messages): the same conversation comes back.
-    proc, url2 = _start(["agentd.testing.fake_agentapi", "--port", "0", "--state-file", str(state)],
-                        "agentapi listening on http://127.0.0.1:")
+    proc, url2 = _start(["agentd.testing.fake_agentapi", "--port", "0", "--state-file", str(state),
+                         "--state-load-delay", "1.5"], "agentapi listening on http://127.0.0.1:")
     try:
-        again = httpx.get(url2 + "/messages", timeout=5).json()["messages"]
-        assert again == msgs
+        # agentapi loads its state late: first only the empty placeholder, then the saved messages.
+        first_view = httpx.get(url2 + "/messages", timeout=5).json()["messages"]
+        assert [(m["id"], m["role"], m["content"]) for m in first_view] == [(0, "agent", "")]
+        _wait_until(lambda: httpx.get(url2 + "/messages", timeout=5).json()["messages"] == msgs, timeout=15)
     finally:
         assert _stop(proc) == 0
 

@@ -17,11 +17,34 @@ Shapes follow agentapi's OpenAPI spec (agentapi 0.12.x) and its event emitter:
   With ``events=False`` the route answers 404 like older agentapi builds.
 * A subscriber whose queue reaches ``max_queue`` events (agentapi: 1 024) is dropped: its queue
   is closed, the events already queued are still written, then the stream ends normally.
-  Reconnecting replays the whole state again. (Same as agentapi's buffered Go channel.)
+  A subscriber whose one write blocks more than ``write_timeout`` seconds (agentapi: 5) is
+  dropped with its connection closed. Reconnecting replays the whole state again.
+
+What agentapi 0.12.1 does that a simple stub does not, all on by default (CONTRACT.md §2):
+
+* **PTY start**: message 0 (agent, empty content) exists from the start and the status is
+  ``running``. The agent's first screen fills that message in place: :meth:`add_message` with
+  role ``agent`` while message 0 is still the untouched placeholder updates it (same id 0).
+* **Host allow-list**: a request whose ``Host`` (port aside) is not in ``allowed_hosts``
+  (default ``localhost``, ``127.0.0.1``, ``[::1]``; ``"*"`` allows all) gets 400 ``text/plain``
+  "Invalid host header" (agentapi's ``--allowed-hosts`` / ``AGENTAPI_ALLOWED_HOSTS``).
+* **agent_error** events are kept (the newest 100) and replayed after the ``status_change`` on
+  every connect.
+* **No heartbeats**: an idle stream is silent.
+* **Late state load**: :meth:`restore_state` replaces the placeholder with saved messages (their
+  own ids and times), re-sent as ``message_update`` for ids 0..N. The process mode does it
+  ``--state-load-delay`` seconds after start, as agentapi does once the agent's screen is ready.
+* **Stop**: leaving :meth:`FakeAgentAPI.serve` (or SIGTERM in the process mode) stops accepting
+  connections, waits up to ``shutdown_wait`` seconds (agentapi: 5) for open streams to close,
+  then closes them without ending the chunked body (abruptly), as agentapi's exit does.
+* **ACP transport** (``transport="acp"``): no messages at start, status ``stable``;
+  :meth:`send_prompt` adds the user's message and the agent's placeholder, :meth:`fail_prompt`
+  removes that placeholder with no event, leaving a gap in the ids.
 
 Everything that changes state is a plain synchronous method, to be called from the test's own
 task: :meth:`FakeAgentAPI.add_message`, :meth:`~FakeAgentAPI.update_last`,
-:meth:`~FakeAgentAPI.set_status`, :meth:`~FakeAgentAPI.agent_error`; fault injection:
+:meth:`~FakeAgentAPI.set_status`, :meth:`~FakeAgentAPI.agent_error`, :meth:`~FakeAgentAPI.restore_state`,
+:meth:`~FakeAgentAPI.send_prompt`, :meth:`~FakeAgentAPI.fail_prompt`; fault injection:
 :meth:`~FakeAgentAPI.drop_subscribers`, :meth:`~FakeAgentAPI.inject_raw`,
 :meth:`~FakeAgentAPI.cut_streams_mid_event`.
 
@@ -29,12 +52,15 @@ Process mode (a real agentapi-like process for stop-path tests)::
 
     python -m agentd.testing.fake_agentapi --port P [--messages N] [--state-file F]
         [--signal-log F] [--pid-file F] [--no-events] [--script demo|static|none]
+        [--transport pty|acp] [--allowed-hosts H,...] [--state-load-delay S] [--shutdown-wait S]
 
 prints ``agentapi listening on http://127.0.0.1:P`` once listening. SIGUSR1 saves the state to
 ``--state-file`` (agentapi's saved-state shape) and appends ``SIGUSR1 <time.time()>`` to
 ``--signal-log``; SIGTERM/SIGINT/SIGHUP append ``SIGTERM <time.time()>`` (the signal's name),
-save the state too (agentapi does on shutdown) and exit 0 shortly after. An existing state file
-is loaded at start. See ``--help``.
+save the state too (agentapi does on shutdown), stop accepting, wait up to ``--shutdown-wait``
+seconds for open streams, then exit 0, ending any stream still open abruptly. An existing state
+file is loaded ``--state-load-delay`` seconds after start (the placeholder shows until then).
+See ``--help``.
 """
 
 from __future__ import annotations
@@ -46,7 +72,7 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -63,6 +89,14 @@ __all__ = ["FakeAgentAPI", "format_rfc3339_nano", "main"]
 
 #: agentapi's per-subscriber buffer (``NewEventEmitter(1024)``), events.
 DEFAULT_MAX_QUEUE = 1024
+#: agentapi drops a subscriber whose one write blocks longer than this, seconds.
+DEFAULT_WRITE_TIMEOUT = 5.0
+#: agentapi's HTTP server shutdown waits this long for open connections, seconds.
+DEFAULT_SHUTDOWN_WAIT = 5.0
+#: Host names agentapi accepts by default (``--allowed-hosts``).
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+#: agent_error events agentapi keeps and replays on connect.
+MAX_STORED_ERRORS = 100
 
 
 def format_rfc3339_nano(ns: int, utc_offset_minutes: int = 0) -> str:
@@ -103,6 +137,11 @@ class _Subscriber:
     send: MemoryObjectSendStream[Any]
     receive: MemoryObjectReceiveStream[Any]
     dropped: bool = False
+    aborted: bool = False  # the server stops: end the stream without the terminating chunk
+
+
+class _WriteBlocked(Exception):
+    """A write to a subscriber blocked longer than ``write_timeout``."""
 
 
 @dataclass
@@ -128,32 +167,55 @@ class Message:
 class FakeAgentAPI(Served):
     """In-process agentapi stand-in. See the module docstring for the wire shapes.
 
-    Constructor: ``agent_type`` (str, ``/status`` and ``status_change``), ``status``
-    ("running"/"stable", initial), ``events`` (False -> ``/events`` answers 404),
-    ``max_queue`` (events a subscriber may fall behind before it is dropped),
-    ``clock`` (callable returning nanoseconds since the epoch, default :func:`time.time_ns`),
-    ``utc_offset_minutes`` (zone of the emitted times; Go prints local time),
-    ``schema_links`` (add huma's ``$schema`` key to JSON bodies).
+    Constructor: ``agent_type`` (str, ``/status`` and ``status_change``), ``transport``
+    ("pty" or "acp"), ``status`` ("running"/"stable", initial; default ``running`` for pty,
+    ``stable`` for acp), ``placeholder`` (pty: start with message 0, agent, empty; default
+    True), ``events`` (False -> ``/events`` answers 404), ``max_queue`` (events a subscriber
+    may fall behind before it is dropped), ``write_timeout`` (seconds one write may block
+    before the subscriber is dropped), ``shutdown_wait`` (seconds leaving :meth:`serve` waits
+    for open streams before closing them abruptly), ``allowed_hosts`` (Host names accepted;
+    ``("*",)`` for any), ``clock`` (callable returning nanoseconds since the epoch, default
+    :func:`time.time_ns`), ``utc_offset_minutes`` (zone of the emitted times; Go prints local
+    time), ``schema_links`` (add huma's ``$schema`` key to JSON bodies).
 
     Read-back for assertions: ``messages`` (list of :class:`Message`), ``status``,
     ``requests`` (``Counter`` of request paths, e.g. ``requests["/messages"]``),
-    ``subscribers`` (number of open ``/events`` streams), ``subscribers_total``,
-    ``dropped_subscribers`` (streams ended because they fell ``max_queue`` behind).
+    ``host_refused`` (requests answered "Invalid host header"), ``errors`` (stored
+    ``agent_error`` data), ``subscribers`` (number of open ``/events`` streams),
+    ``subscribers_total``, ``dropped_subscribers`` (streams ended because they fell
+    ``max_queue`` behind or a write blocked too long).
     """
 
     agent_type: str = "claude"
-    status: str = "stable"
+    transport: str = "pty"
+    status: str | None = None
+    placeholder: bool = True
     events: bool = True
     max_queue: int = DEFAULT_MAX_QUEUE
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT
+    shutdown_wait: float = DEFAULT_SHUTDOWN_WAIT
+    allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS
     clock: Callable[[], int] = time.time_ns
     utc_offset_minutes: int = 0
     schema_links: bool = True
     messages: list[Message] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)
+    host_refused: int = 0
+    errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_STORED_ERRORS))
     subscribers_total: int = 0
     dropped_subscribers: int = 0
     server: Server | None = field(default=None, repr=False)
     _subs: set[_Subscriber] = field(default_factory=set, repr=False)
+    _next_id: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("pty", "acp"):
+            raise ValueError(f"transport must be 'pty' or 'acp', not {self.transport!r}")
+        if self.status is None:
+            self.status = "running" if self.transport == "pty" else "stable"
+        if self.transport == "pty" and self.placeholder and not self.messages:
+            self.messages.append(Message(id=0, role="agent", content="", time=self.now()))
+        self._next_id = max((m.id for m in self.messages), default=-1) + 1
 
     # -- state changes (synchronous; call from the test's task) --------------------------------
 
@@ -161,14 +223,27 @@ class FakeAgentAPI(Served):
         """The current time from ``clock`` as agentapi prints it (RFC 3339, nanoseconds)."""
         return format_rfc3339_nano(self.clock(), self.utc_offset_minutes)
 
-    def add_message(self, role: str, content: str, time: str | None = None) -> int:
-        """Append a message; returns its id (its index). Emits ``message_update``.
+    def _untouched_placeholder(self) -> bool:
+        return (
+            self.transport == "pty" and len(self.messages) == 1 and self.messages[0].id == 0
+            and self.messages[0].role == "agent" and self.messages[0].content == ""
+        )
 
-        ``role`` is not validated, so tests can produce the bad roles the client must filter.
-        ``time`` defaults to now.
+    def add_message(self, role: str, content: str, time: str | None = None) -> int:
+        """Append a message; returns its id. Emits ``message_update``.
+
+        In pty mode an ``agent`` message while message 0 is still the empty placeholder fills
+        that message in place (id 0), as the agent's first screen does. ``role`` is not
+        validated, so tests can produce the bad roles the client must filter. ``time``
+        defaults to now.
         """
-        msg = Message(id=len(self.messages), role=role, content=content, time=time or self.now())
-        self.messages.append(msg)
+        if role == "agent" and self._untouched_placeholder():
+            msg = self.messages[0]
+            msg.content, msg.time = content, time or self.now()
+        else:
+            msg = Message(id=self._next_id, role=role, content=content, time=time or self.now())
+            self.messages.append(msg)
+            self._next_id += 1
         self._broadcast(_sse("message_update", msg.as_update()))
         return msg.id
 
@@ -197,8 +272,33 @@ class FakeAgentAPI(Served):
         self._broadcast(self._status_frame())
 
     def agent_error(self, message: str, level: str = "error") -> None:
-        """Emit ``agent_error`` with data ``{"message", "level", "time"}`` (not stored)."""
-        self._broadcast(_sse("agent_error", {"message": message, "level": level, "time": self.now()}))
+        """Emit ``agent_error`` with data ``{"message", "level", "time"}``; kept (the newest
+        100) and replayed after the ``status_change`` on every later connect."""
+        data = {"message": message, "level": level, "time": self.now()}
+        self.errors.append(data)
+        self._broadcast(_sse("agent_error", data))
+
+    def restore_state(self, saved: list[Message]) -> None:
+        """agentapi's late state load: the saved messages (own ids and times) replace the
+        conversation, each re-sent as a ``message_update``, ids ascending."""
+        self.messages[:] = [Message(id=m.id, role=m.role, content=m.content, time=m.time) for m in saved]
+        self._next_id = max((m.id for m in self.messages), default=-1) + 1
+        for msg in self.messages:
+            self._broadcast(_sse("message_update", msg.as_update()))
+
+    def send_prompt(self, content: str) -> int:
+        """ACP: the user's prompt and the agent's (empty) placeholder reply; status running.
+        Returns the placeholder's id."""
+        self.add_message("user", content)
+        self.set_status("running")
+        return self.add_message("agent", "")
+
+    def fail_prompt(self) -> None:
+        """ACP: the prompt failed. agentapi removes the agent's placeholder (the last message)
+        with no event announcing it, leaving a gap in the ids; status back to stable."""
+        if self.messages and self.messages[-1].role == "agent":
+            self.messages.pop()
+        self.set_status("stable")
 
     # -- fault injection -------------------------------------------------------------------------
 
@@ -248,13 +348,43 @@ class FakeAgentAPI(Served):
             try:
                 yield self
             finally:
-                for sub in list(self._subs):
-                    self._drop(sub, counted=False)
+                await self.stop()
                 self.server = None
+
+    async def stop_accepting(self, wait: float = 0.0) -> None:
+        """Stop accepting connections (connects are refused), then wait up to ``wait`` seconds
+        for the open ``/events`` streams to be closed by their clients."""
+        if self.server is None:
+            return
+        await self.server.stop_accepting()
+        with anyio.move_on_after(wait):
+            while self._subs:
+                await anyio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """What agentapi's stop does to its HTTP side: stop accepting connections, wait up to
+        ``shutdown_wait`` seconds for open streams to be closed by their clients, then close
+        every connection without ending its chunked body (the stream ends abruptly)."""
+        if self.server is None:
+            return
+        await self.stop_accepting(wait=self.shutdown_wait)
+        for sub in list(self._subs):
+            sub.aborted = True
+            self._drop(sub, counted=False)
+        await self.server.close_connections()
 
     async def handle(self, ex: Exchange) -> None:
         """The HTTP handler (usable with :func:`agentd.testing.http.serve` directly)."""
         self.requests[ex.path] += 1
+        if not self._host_allowed(ex.header("host") or ""):
+            # Go's http.Error: text/plain, nosniff, the text and a newline.
+            self.host_refused += 1
+            await ex.respond(
+                400,
+                [("content-type", "text/plain; charset=utf-8"), ("x-content-type-options", "nosniff")],
+                b"Invalid host header\n",
+            )
+            return
         if ex.path in ("/messages", "/status", "/events") and ex.method not in ("GET", "HEAD"):
             await ex.respond_json(
                 405, self._problem(405, "Method Not Allowed", f"method {ex.method} not allowed"),
@@ -265,7 +395,7 @@ class FakeAgentAPI(Served):
             body = {"messages": [m.as_message() for m in self.messages]}
             await self._json(ex, "MessagesResponseBody", body)
         elif ex.path == "/status":
-            body = {"agent_type": self.agent_type, "status": self.status, "transport": "pty"}
+            body = {"agent_type": self.agent_type, "status": self.status, "transport": self.transport}
             await self._json(ex, "StatusResponseBody", body)
         elif ex.path == "/events" and self.events:
             await self._events(ex)
@@ -273,6 +403,17 @@ class FakeAgentAPI(Served):
             await ex.respond(404, [("content-type", "text/plain; charset=utf-8")], b"404 page not found\n")
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _host_allowed(self, host: str) -> bool:
+        if "*" in self.allowed_hosts:
+            return True
+        name = host.strip().lower()
+        if name.startswith("["):
+            name = name[: name.find("]") + 1] if "]" in name else name
+        elif name.count(":") == 1:
+            name = name.partition(":")[0]
+        allowed = {h.strip().lower().strip("[]") for h in self.allowed_hosts}
+        return name.strip("[]") in allowed
 
     def _problem(self, status: int, title: str, detail: str) -> dict[str, Any]:
         return {"title": title, "status": status, "detail": detail}
@@ -284,6 +425,18 @@ class FakeAgentAPI(Served):
             body = {"$schema": f"http://{host}/schemas/{schema}.json", **body}
             headers.append(("link", f'</schemas/{schema}.json>; rel="describedBy"'))
         await ex.respond_json(200, body, headers)
+
+    async def _write(self, sub: _Subscriber, stream: Any, frame: bytes) -> None:
+        """One write; blocked longer than ``write_timeout``: drop the subscriber, close the
+        connection (agentapi's 5-second write deadline)."""
+        with anyio.move_on_after(self.write_timeout) as blocked:
+            await stream.send(frame)
+        if blocked.cancelled_caught:
+            if not sub.dropped:
+                self.dropped_subscribers += 1
+            self._drop(sub, counted=False)
+            await stream.abort()
+            raise _WriteBlocked
 
     def _status_frame(self) -> bytes:
         return _sse("status_change", {"status": self.status, "agent_type": self.agent_type})
@@ -314,6 +467,7 @@ class FakeAgentAPI(Served):
         # every later change lands in the queue, after the replay.
         replay = [_sse("message_update", m.as_update()) for m in self.messages]
         replay.append(self._status_frame())
+        replay += [_sse("agent_error", data) for data in self.errors]
         send, receive = anyio.create_memory_object_stream[Any](math.inf)
         self.subscribers_total += 1
         sub = _Subscriber(ident=self.subscribers_total, send=send, receive=receive)
@@ -339,17 +493,20 @@ class FakeAgentAPI(Served):
                 tg.start_soon(watch_client)
                 try:
                     for frame in replay:
-                        await stream.send(frame)
+                        await self._write(sub, stream, frame)
                     async with receive:
                         async for item in receive:
                             if isinstance(item, _Cut):
                                 await stream.send(item.data)
                                 await stream.abort()
                                 break
-                            await stream.send(item)
+                            await self._write(sub, stream, item)
                         else:
-                            await stream.end()
-                except ConnectionClosed:
+                            if sub.aborted:
+                                await stream.abort()
+                            else:
+                                await stream.end()
+                except (ConnectionClosed, _WriteBlocked):
                     pass
                 tg.cancel_scope.cancel()
         finally:
@@ -391,13 +548,18 @@ def _append_line(path: str | None, line: str) -> None:
         os.fsync(f.fileno())
 
 
-def _load_state(api: FakeAgentAPI, path: str) -> None:
+def _load_state(path: str) -> list[Message]:
     with open(path, encoding="utf-8") as f:
         state = json.load(f)
-    for m in state.get("messages") or []:
-        api.messages.append(
-            Message(id=len(api.messages), role=m["role"], content=m["message"], time=m["time"])
-        )
+    return [
+        Message(id=m.get("id", i), role=m["role"], content=m["message"], time=m["time"])
+        for i, m in enumerate(state.get("messages") or [])
+    ]
+
+
+async def _load_later(api: FakeAgentAPI, saved: list[Message], delay: float) -> None:
+    await anyio.sleep(delay)  # agentapi waits until the agent's screen looks ready
+    api.restore_state(saved)
 
 
 SCRIPTS = ("none", "demo", "static")
@@ -422,7 +584,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pid-file", help="write the process id here")
     p.add_argument("--no-events", action="store_true", help="/events answers 404 (older agentapi)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE)
-    p.add_argument("--exit-delay", type=float, default=0.1, help="seconds between SIGTERM and exit")
+    p.add_argument("--exit-delay", type=float, default=0.1,
+                   help="seconds the agent takes to stop after the HTTP server's shutdown (then exit)")
+    p.add_argument("--shutdown-wait", type=float, default=DEFAULT_SHUTDOWN_WAIT,
+                   help="seconds the HTTP shutdown waits for open streams before exit ends them abruptly (agentapi: 5)")
+    p.add_argument("--transport", choices=("pty", "acp"), default="pty")
+    p.add_argument("--allowed-hosts", default=os.environ.get("AGENTAPI_ALLOWED_HOSTS", ",".join(DEFAULT_ALLOWED_HOSTS)),
+                   help="comma-separated Host names accepted (default AGENTAPI_ALLOWED_HOSTS or localhost,127.0.0.1,[::1]; * = any)")
+    p.add_argument("--state-load-delay", type=float, default=1.0,
+                   help="seconds after start before the saved state is loaded (the placeholder shows until then)")
     p.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     return p.parse_args(argv)
 
@@ -441,22 +611,24 @@ async def _type_reply(api: FakeAgentAPI, interval: float) -> None:
 
 
 async def _amain(args: argparse.Namespace) -> int:
-    api = FakeAgentAPI(agent_type=args.agent_type, events=not args.no_events, max_queue=args.max_queue)
-    loaded = False
-    if args.state_file and os.path.exists(args.state_file):
-        _load_state(api, args.state_file)
-        loaded = True
+    hosts = tuple(h.strip() for h in args.allowed_hosts.replace(" ", ",").split(",") if h.strip())
+    api = FakeAgentAPI(agent_type=args.agent_type, transport=args.transport, events=not args.no_events,
+                       max_queue=args.max_queue, allowed_hosts=hosts, shutdown_wait=args.shutdown_wait)
+    saved: list[Message] | None = None
+    if args.state_file and args.transport == "pty" and os.path.exists(args.state_file):
+        saved = _load_state(args.state_file)
     elif args.script in ("demo", "static"):
         api.load(conversations.demo_session())
         if args.script == "static":
             api.add_message("agent", conversations.final_reply())
+            api.status = "stable"
         else:
             api.status = "running"
     else:
         api.load(conversations.generic_conversation(args.messages))
 
     def save(_reason: str) -> None:
-        if args.state_file:
+        if args.state_file and args.transport == "pty":
             _write_atomic(args.state_file, json.dumps(_saved_state(api), ensure_ascii=False))
 
     if args.pid_file:
@@ -467,7 +639,9 @@ async def _amain(args: argparse.Namespace) -> int:
         async with api.serve(port=args.port):
             print(f"agentapi listening on {api.url}", flush=True)
             async with anyio.create_task_group() as tg:
-                if args.script == "demo" and not loaded:
+                if saved is not None:
+                    tg.start_soon(_load_later, api, saved, args.state_load_delay)
+                elif args.script == "demo":
                     tg.start_soon(_type_reply, api, args.step_interval)
                 async for signum in signals:
                     name = signal.Signals(signum).name
@@ -475,7 +649,9 @@ async def _amain(args: argparse.Namespace) -> int:
                     save(name)
                     if signum == signal.SIGUSR1:
                         continue
-                    await anyio.sleep(args.exit_delay)
+                    await api.stop_accepting(wait=args.shutdown_wait)  # HTTP shutdown: up to 5 s for open streams
+                    await anyio.sleep(args.exit_delay)  # the agent stops
+                    api.shutdown_wait = 0.0  # then the process exits: open streams end abruptly
                     tg.cancel_scope.cancel()
                     break
     return 0

@@ -392,6 +392,9 @@ class Server:
     connections_total: int = 0
     connections_open: int = 0
     _conns: set[_Connection] = field(default_factory=set, repr=False)
+    _listener: Any = field(default=None, repr=False)
+    _accepting: anyio.CancelScope | None = field(default=None, repr=False)
+    _accept_done: anyio.Event = field(default_factory=anyio.Event, repr=False)
 
     @property
     def url(self) -> str:
@@ -402,6 +405,15 @@ class Server:
         """Close every open connection now (the listener stays open)."""
         for conn in list(self._conns):
             await conn.close(reset=reset)
+
+    async def stop_accepting(self) -> None:
+        """Close the listener now (new connections are refused); open connections go on."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with anyio.move_on_after(5):
+                await self._accept_done.wait()  # then close: an accept must not see a closed listener
+        if self._listener is not None:
+            await anyio.aclose_forcefully(self._listener)
 
 
 class Served:
@@ -562,14 +574,24 @@ async def serve(
     if ssl_context is not None:
         listener = TLSListener(listener, ssl_context, standard_compatible=False)
     server = Server(host=host, port=bound_port, scheme="https" if ssl_context else "http")
+    server._listener = listener
+    server._accepting = anyio.CancelScope()
 
     async def on_connection(stream: ByteStream) -> None:
         await _serve_connection(stream, handler, server)
 
+    async def accept(tg: Any) -> None:
+        assert server._accepting is not None
+        try:
+            with server._accepting:
+                await listener.serve(on_connection, tg)
+        finally:
+            server._accept_done.set()
+
     error: Exception | None = None
     async with listener:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, on_connection, tg)
+            tg.start_soon(accept, tg)
             try:
                 yield server
             except Exception as exc:  # re-raised below, outside the task group: not wrapped
