@@ -44,23 +44,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import anyio
 import httpx
 import ijson  # type: ignore[import-untyped]
-from httpx_sse import ServerSentEvent
 from httpx_sse._decoders import SSEDecoder  # the WHATWG field rules; httpx-sse keeps it in _decoders
 
 from agentd.backoff import full_jitter
 from agentd.buffer import RingBuffer
 from agentd.logs import get_logger
-from agentd.messages import InvalidMessage, Message, may_hold_surrogates, parse_message
+from agentd.messages import InvalidMessage, Message, parse_message
 
 log = get_logger("agentd.agentapi")
 
@@ -72,8 +72,13 @@ SourceState = Literal["connecting", "connected", "polling", "disconnected"]
 MAX_EVENT_BYTES = 32 * 1024 * 1024
 #: Largest ``GET /status`` answer or error body read, bytes (agentapi's are under 200 bytes).
 MAX_SMALL_BODY = 64 * 1024
+#: Deepest JSON nesting read in a ``GET /messages`` body (agentapi's is 3 deep).
+MAX_DEPTH = 64
 #: Seconds of silence on the event stream before a ``GET /status`` asks whether agentapi lives.
 IDLE_PROBE = 60.0
+#: Longest one poll's ``GET /messages`` may take, seconds (a long conversation can be hundreds
+#: of MB; each wait for more of it is bounded by ``connect_timeout``).
+POLL_DEADLINE = 120.0
 #: TCP keepalive on the event stream's socket: idle seconds, probe interval, probes.
 KEEPALIVE = (60, 10, 3)
 #: What agentd asks of agentapi: no compression (a gzip'd answer could be a bomb).
@@ -157,11 +162,13 @@ _FIELDS = frozenset({"id", "content", "role", "time"})
 class _MessagesReader:
     """Incremental reader of a ``GET /messages`` body: ``{"messages": [{...}, ...], ...}``.
 
-    Fed raw bytes (:meth:`feed`), parsed by ijson's C parser event by event; each item of the
-    ``messages`` array becomes a dict of its scalar fields (nested values make the item invalid),
-    validated with :func:`parse_message`, clipped with ``clip`` and kept if among the newest
-    ``keep`` ids. Memory: the kept messages plus at most ``max_item`` bytes of the item being
-    read. Raises :class:`StreamLimitError` past that cap.
+    Fed raw bytes (:meth:`feed`), parsed by ijson's C parser into basic events (no prefixes:
+    their cost grows with the square of the nesting depth); the nesting is tracked here and
+    capped at :data:`MAX_DEPTH`. Each item of the top-level ``messages`` array becomes a dict of
+    its scalar fields (nested values of the fields agentd reads make the item invalid; others
+    are skipped), validated with :func:`parse_message`, clipped with ``clip`` and kept if among
+    the newest ``keep`` ids. Memory: the kept messages plus at most ``max_item`` bytes of the
+    item being read. Raises :class:`StreamLimitError` past those caps.
     """
 
     def __init__(self, keep: int | None, clip: Callable[[Message], Message], max_item: int) -> None:
@@ -171,11 +178,14 @@ class _MessagesReader:
         self.first_problem: str | None = None
         self.saw_list = False
         self._events: Any = ijson.sendable_list()
-        self._coro = ijson.parse_coro(self._events)
-        self._item: dict[str, Any] | None = None
+        self._coro = ijson.basic_parse_coro(self._events)
+        self._depth = 0  # containers open
+        self._top_key: str | None = None  # the key being read in the top-level object
+        self._in_list = False  # inside the top-level "messages" array (at depth 2)
+        self._item: dict[str, Any] | None = None  # the message being read (depth 3)
         self._bad: str | None = None  # why the current item is unusable
-        self._key: str | None = None
-        self._depth = 0  # nesting inside the current item's values
+        self._key: str | None = None  # its field being read
+        self._skip_to = 0  # skipping a nested value until the depth falls back to this
         self._pending = 0  # bytes fed since the last finished item or top-level event
 
     def feed(self, chunk: bytes) -> None:
@@ -191,39 +201,63 @@ class _MessagesReader:
 
     def _drain(self) -> None:
         events = self._events
-        for prefix, event, value in events:
-            self._event(prefix, event, value)
+        for event, value in events:
+            self._event(event, value)
         del events[:]
 
-    def _event(self, prefix: str, event: str, value: Any) -> None:
-        if self._item is not None:
-            self._in_item(event, value)
-        elif prefix == "messages" and event == "start_array":
-            self.saw_list = True
-            self._pending = 0
-        elif prefix == "messages.item":
-            if event == "start_map":
-                self._item, self._bad, self._depth = {}, None, 0
-            elif event == "start_array":  # skipped to its end, then counted as a problem
-                self._item, self._bad, self._depth = {}, _NOT_AN_OBJECT, 1
-            else:
-                self._problem(f"message is {event}, not an object")
-        elif prefix == "" or prefix == "messages":
-            self._pending = 0
-
-    def _in_item(self, event: str, value: Any) -> None:
-        assert self._item is not None
-        if self._depth:
-            self._depth += {"start_map": 1, "start_array": 1, "end_map": -1, "end_array": -1}.get(event, 0)
-            if self._depth == 0 and self._bad is _NOT_AN_OBJECT:
-                self._finish()
+    def _event(self, event: str, value: Any) -> None:
+        opens = event in ("start_map", "start_array")
+        closes = event in ("end_map", "end_array")
+        if opens:
+            self._depth += 1
+            if self._depth > MAX_DEPTH:
+                raise StreamLimitError(f"GET /messages: JSON nested deeper than {MAX_DEPTH}")
+        if self._skip_to:
+            if closes:
+                self._depth -= 1
+                if self._depth == self._skip_to:
+                    self._skip_to = 0
+                    if self._item is not None and self._depth == 2:  # an array where a message should be
+                        self._problem(self._bad or _NOT_AN_OBJECT)
+                        self._item = None
             return
+        if closes:
+            self._depth -= 1
+        if self._item is not None:
+            self._in_item(event, value, opens)
+        elif self._in_list:
+            self._in_messages(event, opens)
+        else:
+            self._top(event, value, opens)
+
+    def _top(self, event: str, value: Any, opens: bool) -> None:
+        if self._depth == 1 and event == "map_key":
+            self._top_key = value
+        elif self._depth == 2 and event == "start_array" and self._top_key == "messages":
+            self.saw_list = self._in_list = True
+        elif opens and self._depth >= 2:  # another key's container: skipped
+            self._skip_to = self._depth - 1
+        self._pending = 0
+
+    def _in_messages(self, event: str, opens: bool) -> None:
+        if event == "end_array" and self._depth == 1:
+            self._in_list = False
+            self._pending = 0
+        elif event == "start_map":
+            self._item, self._bad, self._key = {}, None, None
+        elif opens:  # an array where a message should be: skipped, then counted
+            self._item, self._bad, self._skip_to = {}, _NOT_AN_OBJECT, 2
+        else:
+            self._problem(f"message is {event}, not an object")
+
+    def _in_item(self, event: str, value: Any, opens: bool) -> None:
+        assert self._item is not None
         if event == "map_key":
             self._key = value
-        elif event == "end_map":
+        elif event == "end_map" and self._depth == 2:
             self._finish()
-        elif event in ("start_map", "start_array"):
-            self._depth = 1  # skipped; a message field agentd reads makes it invalid, another is ignored
+        elif opens:  # skipped; a message field agentd reads makes it invalid, another is ignored
+            self._skip_to = self._depth - 1
             if self._key in _FIELDS:
                 self._bad = self._bad or f"message field {self._key!r} is not a scalar"
         else:
@@ -231,7 +265,7 @@ class _MessagesReader:
 
     def _finish(self) -> None:
         item, bad = self._item, self._bad
-        self._item, self._bad, self._key, self._depth, self._pending = None, None, None, 0, 0
+        self._item, self._bad, self._key, self._pending = None, None, None, 0
         if bad is not None or item is None:
             self._problem(bad or _NOT_AN_OBJECT)
             return
@@ -257,8 +291,12 @@ async def fetch_messages(
     *,
     buffer: RingBuffer | None = None,
     max_item: int = MAX_EVENT_BYTES,
+    idle_timeout: float | None = None,
 ) -> list[Message]:
     """``GET {base_url}/messages`` within ``timeout`` seconds; the valid messages, ids ascending.
+
+    ``idle_timeout`` (default ``timeout``) bounds each step: connecting, and each wait for
+    more of the body; ``timeout`` bounds the whole request.
 
     Read incrementally in bounded memory: with ``buffer``, only its newest
     ``buffer.max_messages`` messages are kept, each clipped with ``buffer.clip``; each message
@@ -274,7 +312,8 @@ async def fetch_messages(
     )
     try:
         with anyio.fail_after(timeout):
-            async with client.stream("GET", f"{base_url}/messages", headers=REQUEST_HEADERS, timeout=timeout) as response:
+            step = timeout if idle_timeout is None else min(idle_timeout, timeout)
+            async with client.stream("GET", f"{base_url}/messages", headers=REQUEST_HEADERS, timeout=step) as response:
                 if response.status_code != 200:
                     raise await _refusal(response, "GET /messages", base_url)
                 _check_encoding(response, "GET /messages")
@@ -312,27 +351,57 @@ async def fetch_status(client: httpx.AsyncClient, base_url: str, timeout: float)
 
 
 def _json_loads(data: bytes | str) -> Any:
+    """``json.loads``; bytes are UTF-8 with invalid sequences replaced (WHATWG decodes the event
+    stream so). Raises ValueError for anything that is not JSON, nested too deep included."""
     try:
-        return json.loads(data)
+        try:
+            return json.loads(data)
+        except UnicodeDecodeError:
+            assert isinstance(data, bytes)
+            return json.loads(data.decode("utf-8", "replace"))
     except RecursionError:  # nested too deep: not agentapi's shape either
         raise ValueError("JSON nested too deep") from None
+
+
+def _may_hold_surrogates(data: bytes) -> bool:
+    """False when decoding the JSON ``data`` (bytes) cannot yield a lone surrogate: it holds no
+    ``\\uD800``-``\\uDFFF`` escape. :func:`agentd.messages.may_hold_surrogates`' test, run on the
+    bytes before decoding (screen text is full of ``\\n`` escapes, so a plain substring search
+    for ``\\ud`` is slower than this regex)."""
+    return _SURROGATE_ESCAPE.search(data) is not None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 # ---------------------------------------------------------------------------------------------
 # Server-Sent Events
 
 
+class SSEvent(NamedTuple):
+    """One dispatched Server-Sent Event: ``event`` type (``"message"`` when the block named
+    none), ``data`` (the data buffer, UTF-8 bytes as sent, lines joined with LF), ``id`` (the
+    last event id), ``retry`` (milliseconds, or None)."""
+
+    event: str
+    data: bytes
+    id: str
+    retry: int | None
+
+
 class SSEParser:
     """Bytes of a ``text/event-stream`` in, dispatched events out, memory bounded.
 
-    :meth:`feed` takes raw body bytes in any pieces and returns the events they complete. Lines
-    end with CR, LF or CRLF; a UTF-8 BOM at the very start is skipped; each line is decoded as
-    UTF-8 (invalid bytes replaced) and handed to httpx-sse's :class:`~httpx_sse.SSEDecoder`; a
-    blank line dispatches the event if the block had a ``data`` field (WHATWG: an empty data
-    buffer dispatches nothing, so a block of only ``retry:`` or ``id:`` is no event). Raises
-    :class:`StreamLimitError` when a line is longer than ``max_line`` bytes or an event's lines
-    add up to more than ``max_event`` bytes. :attr:`pending` tells whether the stream stopped
-    inside an event.
+    :meth:`feed` takes raw body bytes in any pieces and returns the :class:`SSEvent` they
+    complete. Per the WHATWG rules: lines end with CR, LF or CRLF; a UTF-8 BOM at the very start
+    is skipped; a blank line dispatches the event if the block had a ``data`` field (an empty
+    data buffer dispatches nothing, so a block of only ``retry:`` or ``id:`` is no event).
+    ``data`` lines are kept as bytes (the value after ``data:`` and one optional space), so the
+    JSON decoder reads them once; every other line is decoded as UTF-8 (invalid bytes replaced)
+    and handed to httpx-sse's :class:`~httpx_sse.SSEDecoder` for the field rules (``event``,
+    ``id``, ``retry``, comments, unknown fields). Raises :class:`StreamLimitError` when a line is
+    longer than ``max_line`` bytes or an event's lines add up to more than ``max_event`` bytes.
+    :attr:`pending` tells whether the stream stopped inside an event.
     """
 
     def __init__(self, max_line: int = MAX_EVENT_BYTES, max_event: int = MAX_EVENT_BYTES) -> None:
@@ -343,7 +412,7 @@ class SSEParser:
         self._cr = False  # the previous piece ended with CR: a LF first in the next is its pair
         self._decoder = SSEDecoder()
         self._event_bytes = 0
-        self._has_data = False
+        self._data: list[bytes] | None = None  # the data lines of this block (None: none yet)
         self._fields = False  # a field line since the last blank line
 
     @property
@@ -351,7 +420,7 @@ class SSEParser:
         """True when the bytes so far end inside an event (a partial line or undispatched fields)."""
         return bool(self._partial) or self._fields
 
-    def feed(self, chunk: bytes) -> list[ServerSentEvent]:
+    def feed(self, chunk: bytes) -> list[SSEvent]:
         if self._head is not None:
             chunk = self._head + chunk
             if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
@@ -367,23 +436,22 @@ class SSEParser:
         if b"\r" in chunk:
             self._cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        events: list[ServerSentEvent] = []
-        start, find, view = 0, chunk.find, memoryview(chunk)
+        events: list[SSEvent] = []
+        start, find = 0, chunk.find
         while (end := find(b"\n", start)) >= 0:
             self._check(len(self._partial) + end - start)
             if self._partial:
-                self._partial += view[start:end]
-                self._event_bytes += len(self._partial)
-                line = self._partial.decode("utf-8", "replace")
+                self._partial += memoryview(chunk)[start:end]
+                line = bytes(self._partial)
                 self._partial = bytearray()
             else:
-                self._event_bytes += end - start
-                line = str(view[start:end], "utf-8", "replace")
+                line = chunk[start:end]
+            self._event_bytes += len(line)
             self._line(line, events)
             start = end + 1
         if start < len(chunk):
             self._check(len(self._partial) + len(chunk) - start)
-            self._partial += view[start:]
+            self._partial += memoryview(chunk)[start:]
         return events
 
     def _check(self, line_bytes: int) -> None:
@@ -392,17 +460,29 @@ class SSEParser:
         if self._event_bytes + line_bytes > self.max_event:
             raise StreamLimitError(f"an SSE event is over {self.max_event} bytes")
 
-    def _line(self, line: str, events: list[ServerSentEvent]) -> None:
-        if line:
+    def _line(self, line: bytes, events: list[SSEvent]) -> None:
+        if not line:
+            self._dispatch(events)
+        elif line.startswith(b"data") and (len(line) == 4 or line[4] == 0x3A):  # "data" or "data:..."
             self._fields = True
-            if line.startswith("data") and (len(line) == 4 or line[4] == ":"):
-                self._has_data = True
-            self._decoder.decode(line)
-            return
-        sse = self._decoder.decode("")
-        if sse is not None and self._has_data:
-            events.append(sse)
-        self._event_bytes, self._has_data, self._fields = 0, False, False
+            value = line[6:] if line.startswith(b"data: ") else line[5:]
+            if self._data is None:
+                self._data = [value]
+            else:
+                self._data.append(value)
+        else:
+            self._fields = True
+            self._decoder.decode(line.decode("utf-8", "replace"))
+
+    def _dispatch(self, events: list[SSEvent]) -> None:
+        sse = self._decoder.decode("")  # the decoder's event type, id and retry; it resets them
+        if self._data is not None:
+            data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+            if sse is None:
+                events.append(SSEvent("message", data, "", None))
+            else:
+                events.append(SSEvent(sse.event, data, sse.id, sse.retry))
+        self._event_bytes, self._data, self._fields = 0, None, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,13 +681,13 @@ class AgentAPITail:
             raise AgentAPIError("the event stream ended inside an event")
         return True
 
-    def _event(self, event: ServerSentEvent, replay: dict[int, Message] | None) -> dict[int, Message] | None:
+    def _event(self, event: SSEvent, replay: dict[int, Message] | None) -> dict[int, Message] | None:
         """Handle one event; returns the replay collection (None once the replay is merged)."""
         kind = event.event
         try:
             data = _json_loads(event.data)
             if kind == "message_update":
-                message = parse_message(data, content_key="message", clean=may_hold_surrogates(event.data))
+                message = parse_message(data, content_key="message", clean=_may_hold_surrogates(event.data))
                 if replay is None:
                     self.buffer.apply(message)
                 else:  # keep only what the buffer could hold: memory stays bounded
@@ -658,7 +738,10 @@ class AgentAPITail:
         failures = 0
         while True:
             try:
-                view = await fetch_messages(self.client, self.base_url, self.connect_timeout, buffer=self.buffer)
+                view = await fetch_messages(
+                    self.client, self.base_url, POLL_DEADLINE, buffer=self.buffer, idle_timeout=self.connect_timeout,
+                    max_item=self.max_event_bytes,
+                )
             except AgentAPIError as exc:
                 failures += 1
                 self._poll_failed(exc, reason, failures)

@@ -3,7 +3,8 @@
 * shutdown latency: SIGTERM to exit with the snapshot stored, next to one ``curl`` POST of the
   same final body to the same stand-in coderd (process start to exit), in the same run;
 * ingest: the daemon's CPU time (``/proc/<pid>/stat`` utime+stime) per 1 000 ``message_update``
-  events of 64 KiB;
+  events of 64 KiB, beside the floor (:mod:`bench.floor`: a plain-Python socket reader of the
+  same stream) measured in turn in the same run;
 * footprint: RSS and CPU share after an idle period with a full buffer (10 x 64 KiB);
 * start-up: process start to ``READY=1`` on a stand-in ``$NOTIFY_SOCKET``.
 """
@@ -147,10 +148,54 @@ def shutdown(standins: Standins, conversation: list[tuple[str, str]], runs: int)
 # -- ingest --------------------------------------------------------------------------------------
 
 
-def ingest(standins: Standins, runs: int, events: int = 1000, size: int = 64 * KiB) -> tuple[Series, Series]:
-    """(CPU seconds per ``events`` updates, wall seconds for them), one agentd per run."""
-    cpu = Series(f"ingest CPU per {events} x 64 KiB updates", "s")
-    wall = Series("ingest wall time", "s")
+def _push(standins: Standins, contents: list[str]) -> None:
+    def push() -> None:
+        for content in contents:
+            standins.api.update_last(content)
+        standins.api.add_message("user", "marker: the updates are over")
+
+    standins.call(push)
+
+
+@dataclass
+class Ingest:
+    """CPU seconds per ``events`` updates: agentd, and the floor reader (:mod:`bench.floor`)
+    on the same stream from the same stand-in, measured in turn in the same run."""
+
+    agentd: Series
+    floor: Series
+    wall: Series
+
+    @property
+    def ratio(self) -> float:
+        return self.agentd.median / self.floor.median
+
+
+def _floor_cpu(standins: Standins, base: list[tuple[str, str]], contents: list[str]) -> float:
+    """CPU seconds of ``python -m bench.floor`` reading the pushed updates (ready -> done)."""
+    standins.reset_conversation(base)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.floor", standins.api.url, str(len(base))],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        require(proc.stdout.readline().strip() == "ready", "the floor reader did not take the replay")
+        before = cpu_seconds(proc.pid)
+        _push(standins, contents)
+        line = proc.stdout.readline().strip()
+        after = cpu_seconds(proc.pid)
+        require(line.startswith("done "), f"the floor reader ended with {line!r}")
+        require(int(line.split()[1]) >= len(contents), f"the floor reader decoded {line.split()[1]} events")
+        return after - before
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def ingest(standins: Standins, runs: int, events: int = 1000, size: int = 64 * KiB) -> Ingest:
+    """Per run: agentd's CPU seconds for ``events`` updates of ``size`` bytes (and the wall
+    time), then the floor reader's for the same updates."""
+    result = Ingest(Series(f"ingest CPU per {events} x 64 KiB updates", "s"), Series("floor CPU", "s"),
+                    Series("ingest wall time", "s"))
     contents = [screen_text(size, 1000 + i) for i in range(events)]
     base = [("agent" if i % 2 == 0 else "user", f"message {i}") for i in range(9)] + [("agent", contents[0])]
     for _ in range(runs):
@@ -161,13 +206,7 @@ def ingest(standins: Standins, runs: int, events: int = 1000, size: int = 64 * K
             time.sleep(1.2)  # let the first state write after the replay pass
             before = cpu_seconds(agentd.pid)
             started = time.perf_counter()
-
-            def push() -> None:
-                for content in contents:
-                    standins.api.update_last(content)
-                standins.api.add_message("user", "marker: the updates are over")
-
-            standins.call(push)
+            _push(standins, contents)
             marker = len(base)
             # Done when the daemon holds the marker message and its CPU time stands still.
             last, still_since, done_at = cpu_seconds(agentd.pid), time.perf_counter(), None
@@ -186,15 +225,16 @@ def ingest(standins: Standins, runs: int, events: int = 1000, size: int = 64 * K
                     still_since = time.perf_counter()
             if done_at is None:
                 raise BenchError("agentd did not take in the updates within 60 s")
-            cpu.add(last - before)
-            wall.add(done_at - started)
-            _stopped, status = stop(agentd)
+            result.agentd.add(last - before)
+            result.wall.add(done_at - started)
+            _, status = stop(agentd)
             require(status == 0, f"agentd exited {status}")
             agentd.check_token_not_printed()
             stored = standins.stored(agentd.task)
             require(stored is not None and stored.messages[-1]["id"] == marker, "final snapshot lacks the marker")
             require(stored.messages[-2]["content"].endswith(contents[-1][-1000:]), "newest content did not win")
-    return cpu, wall
+        result.floor.add(_floor_cpu(standins, base, contents))
+    return result
 
 
 # -- footprint -----------------------------------------------------------------------------------

@@ -241,9 +241,12 @@ class FakeAgentAPI(Served):
             msg = self.messages[0]
             msg.content, msg.time = content, time or self.now()
         else:
-            msg = Message(id=self._next_id, role=role, content=content, time=time or self.now())
+            # pty: the id is the index; acp: a counter, so a removed message leaves a gap.
+            last = self.messages[-1].id + 1 if self.messages else 0
+            next_id = len(self.messages) if self.transport == "pty" else max(self._next_id, last)
+            msg = Message(id=next_id, role=role, content=content, time=time or self.now())
             self.messages.append(msg)
-            self._next_id += 1
+            self._next_id = next_id + 1
         self._broadcast(_sse("message_update", msg.as_update()))
         return msg.id
 
