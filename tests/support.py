@@ -209,9 +209,10 @@ async def daemon_in_task(settings: Any, handle: InProcessHandle, ready: Callable
 
 
 def small_conversation(api: Any, n: int = 4) -> None:
-    """``n`` short messages (user first, then alternating) with box drawing, added to ``api``."""
+    """``n`` short messages (agent first, as agentapi's PTY message 0, then alternating) with box
+    drawing, added to ``api``."""
     for i in range(n):
-        api.add_message("user" if i % 2 == 0 else "agent", f"message {i}: ╭─ box ─╮ {'x' * 40}")
+        api.add_message("agent" if i % 2 == 0 else "user", f"message {i}: ╭─ box ─╮ {'x' * 40}")
 
 
 class AgentdChild:

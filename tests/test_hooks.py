@@ -245,6 +245,8 @@ def one_line(stdout: str) -> str:
 async def servers(messages: int = 3, token: str = TOKEN, **api_options: Any):
     api = FakeAgentAPI(**api_options)
     api.load(conversations.generic_conversation(messages))
+    if "status" not in api_options:
+        api.set_status("stable")  # agentapi starts `running`; the agent has settled since
     coderd = FakeCoderd(token=token, tasks={TASK})
     async with coderd.serve(), api.serve():
         yield api, coderd

@@ -306,20 +306,20 @@ async def peers(api: FakeAgentAPI | None = None, coderd: FakeCoderd | None = Non
 async def case_1_streamed_reply(start, short_dir: Path, **kw) -> None:
     """12 messages; the last one is typed live over SSE past 64 KiB of box drawing."""
     api = FakeAgentAPI(status="running")
-    api.load(demo_session()[1:])  # ids 0..10; the user's report request is the newest so far
+    api.load(demo_session())  # ids 0..11 (the welcome screen is agentapi's message 0); the user's report request is the newest so far
     steps = list(typing_steps())
     async with peers(api) as (api, coderd):
         async with start(Setup(coderd.url, api.url, short_dir), **kw) as agentd:
             await api.wait_for_subscribers(1)
             reply_id = api.add_message("agent", steps[0])
-            assert reply_id == 11
+            assert reply_id == 12
             seen_streaming = False
             for i, content in enumerate(steps[1:]):
                 api.update_last(content)
                 await anyio.sleep(0.005)
                 if i == len(steps) // 2:  # half way through, the daemon is tailing this message
                     status = await daemon_status(short_dir / "agentd.sock")
-                    seen_streaming = status["newest_id"] == 11 and status["source"]["state"] == "connected"
+                    seen_streaming = status["newest_id"] == 12 and status["source"]["state"] == "connected"
             full = api.messages[-1].content
             assert full == steps[-1] and utf8_len(full) > LIMIT
             await agentd.sigterm()
@@ -328,7 +328,7 @@ async def case_1_streamed_reply(start, short_dir: Path, **kw) -> None:
         assert snap is not None
         assert seen_streaming, "the daemon was not tailing the growing message over SSE"
         assert len(snap.body) <= LIMIT
-        assert snap.messages[-1]["id"] == 11 and snap.messages[-1]["role"] == "agent"
+        assert snap.messages[-1]["id"] == 12 and snap.messages[-1]["role"] == "agent"
         kept = assert_tail_intact(snap.messages[-1]["content"], full)
         assert kept > 10_000  # box drawing is 3 bytes a character: ~20 000 characters fit
         assert "╰" in snap.messages[-1]["content"] and "🚀" in snap.messages[-1]["content"]
@@ -603,14 +603,14 @@ async def test_bad_roles_are_kept_out_and_read_back_works(in_process, short_dir:
             assert await agentd.wait() == 0, agentd.output()
         snap = stored(coderd)
         assert snap is not None
-        assert [m["id"] for m in snap.messages] == [0, 2, 4]
+        assert [m["id"] for m in snap.messages] == [0, 1, 3, 5]  # 0: agentapi's PTY placeholder
         assert {m["role"] for m in snap.messages} <= ROLES
         assert_same(snap.messages, [m for m in api.messages if m.role in ROLES])
         coderd.complete_stop_build()  # the workspace has stopped: read-back serves the snapshot
         async with httpx.AsyncClient() as client:
             response = await client.get(f"{coderd.url}/api/v2/tasks/me/{TASK}/logs", timeout=5)
         assert response.status_code == 200, response.text
-        assert [entry["type"] for entry in response.json()["logs"]] == ["input", "output", "output"]
+        assert [entry["type"] for entry in response.json()["logs"]] == ["output", "input", "output", "output"]
     skipped = [e for e in agentd.log() if "skipped" in e.get("event", "")]
     assert skipped, "the bad messages are logged as left out"
 
@@ -667,7 +667,7 @@ async def test_real_agent_screens_stored_exactly_by_a_real_process(real_process,
     assert len(screens) >= 10 and any("─" in text or "│" in text for _, text in screens)
     api = FakeAgentAPI()
     for i, (_name, text) in enumerate(screens):
-        api.add_message("agent" if i % 2 else "user", text)
+        api.add_message("user" if i % 2 else "agent", text)  # agent first: agentapi's PTY message 0
     async with peers(api) as (api, coderd):
         setup = Setup(coderd.url, api.url, short_dir, max_messages=len(screens))
         async with real_process(setup) as agentd:

@@ -36,6 +36,7 @@ from agentd.testing import (
     parse_rfc3339_strict,
     serve,
 )
+from agentd.testing.fake_agentapi import Message as FakeMessage
 
 pytestmark = pytest.mark.anyio
 
@@ -678,6 +679,130 @@ async def test_agentapi_drop_inject_and_cut_streams() -> None:
         async with aconnect_sse(client, "GET", a.url + "/events"):
             await a.wait_for_subscribers(1)
         await a.wait_for(lambda: a.subscribers == 0)
+
+
+async def test_agentapi_pty_start_placeholder_and_running() -> None:
+    api = FakeAgentAPI()
+    assert api.status == "running"
+    assert [(m.id, m.role, m.content) for m in api.messages] == [(0, "agent", "")]
+    async with api.serve() as a, httpx.AsyncClient(timeout=5) as client:
+        assert [(m["id"], m["content"]) for m in (await client.get(a.url + "/messages")).json()["messages"]] == [(0, "")]
+        assert (await client.get(a.url + "/status")).json()["status"] == "running"
+    assert api.add_message("agent", "╭─ welcome ─╮") == 0  # the first screen fills message 0
+    assert api.add_message("user", "hi") == 1
+    assert api.add_message("agent", "") == 2  # only the untouched message 0 is filled in place
+
+
+async def test_agentapi_host_allow_list_like_agentapi() -> None:
+    api = FakeAgentAPI()
+    async with api.serve() as a, httpx.AsyncClient(timeout=5) as client:
+        for host in ("localhost", f"localhost:{a.port}", "127.0.0.1", f"127.0.0.1:{a.port}", "[::1]", f"[::1]:{a.port}"):
+            assert (await client.get(a.url + "/status", headers={"host": host})).status_code == 200, host
+        for host in ("agentapi", f"agentapi:{a.port}", "example.com", "127.0.0.2"):
+            r = await client.get(a.url + "/events", headers={"host": host})
+            assert (r.status_code, r.text) == (400, "Invalid host header\n"), host
+            assert r.headers["content-type"] == "text/plain; charset=utf-8"
+        assert a.host_refused == 4 and a.subscribers_total == 0
+        api.allowed_hosts = ("agentapi",)
+        assert (await client.get(a.url + "/status", headers={"host": "agentapi:3284"})).status_code == 200
+        assert (await client.get(a.url + "/status")).status_code == 400  # 127.0.0.1 no longer listed
+        api.allowed_hosts = ("*",)
+        assert (await client.get(a.url + "/status", headers={"host": "anything"})).status_code == 200
+
+
+async def _events_until(events, n: int) -> list[tuple[str, dict]]:
+    """The next ``n`` events of the ``aiter_sse()`` iterator ``events``, data decoded."""
+    out = []
+    with anyio.fail_after(5):
+        while len(out) < n:
+            sse = await events.__anext__()
+            out.append((sse.event, json.loads(sse.data)))
+    return out
+
+
+async def test_agentapi_errors_are_kept_and_replayed_after_the_status() -> None:
+    api = FakeAgentAPI()
+    for i in range(105):
+        api.agent_error(f"error {i}")
+    assert len(api.errors) == 100 and api.errors[0]["message"] == "error 5"  # the newest 100
+    async with api.serve() as a, httpx.AsyncClient(timeout=5) as client:
+        for _ in range(2):  # on every connect
+            async with aconnect_sse(client, "GET", a.url + "/events") as source:
+                got = await _events_until(source.aiter_sse(), 102)
+            assert [k for k, _ in got[:2]] == ["message_update", "status_change"]
+            assert [d["message"] for _, d in got[2:]] == [f"error {i}" for i in range(5, 105)]
+
+
+async def test_agentapi_late_state_load_resends_the_saved_messages() -> None:
+    api = FakeAgentAPI()
+    saved = [FakeMessage(id=i, role="agent" if i % 2 == 0 else "user", content=f"saved {i}", time=T0) for i in range(3)]
+    async with api.serve() as a, httpx.AsyncClient(timeout=5) as client:
+        async with aconnect_sse(client, "GET", a.url + "/events") as source:
+            events = source.aiter_sse()
+            first = await _events_until(events, 2)
+            assert first[0] == ("message_update", {"id": 0, "role": "agent", "message": "", "time": api.messages[0].time})
+            api.restore_state(saved)
+            later = await _events_until(events, 3)
+        assert [(d["id"], d["message"], d["time"]) for _, d in later] == [(i, f"saved {i}", T0) for i in range(3)]
+        msgs = (await client.get(a.url + "/messages")).json()["messages"]
+        assert [(m["id"], m["content"]) for m in msgs] == [(i, f"saved {i}") for i in range(3)]
+    assert api.add_message("user", "new") == 3
+
+
+async def test_agentapi_acp_starts_empty_and_a_failed_prompt_leaves_a_gap() -> None:
+    api = FakeAgentAPI(transport="acp")
+    assert api.messages == [] and api.status == "stable"
+    async with api.serve() as a, httpx.AsyncClient(timeout=5) as client:
+        assert (await client.get(a.url + "/status")).json()["transport"] == "acp"
+        async with aconnect_sse(client, "GET", a.url + "/events") as source:
+            events = source.aiter_sse()
+            assert (await _events_until(events, 1))[0][0] == "status_change"  # no messages to replay
+            api.send_prompt("first")  # 0 user, 1 agent placeholder
+            api.update_last("answer")
+            api.set_status("stable")
+            api.send_prompt("second")  # 2 user, 3 agent placeholder
+            api.fail_prompt()  # 3 removed, no event
+            api.send_prompt("third")  # 4 user, 5 agent
+            got = await _events_until(events, 12)
+        assert [d.get("id") for k, d in got if k == "message_update"] == [0, 1, 1, 2, 3, 4, 5]
+        ids = [m["id"] for m in (await client.get(a.url + "/messages")).json()["messages"]]
+        assert ids == [0, 1, 2, 4, 5]
+
+
+async def test_agentapi_stop_refuses_waits_then_ends_streams_abruptly() -> None:
+    api = FakeAgentAPI(shutdown_wait=0.3)
+    api.add_message("agent", "hello")
+    async with httpx.AsyncClient(timeout=5) as client:
+        async with api.serve() as a:
+            url = a.url
+            async with aconnect_sse(client, "GET", url + "/events") as source:
+                events = source.aiter_sse()
+                with anyio.fail_after(5):
+                    await events.__anext__()
+                    await events.__anext__()
+                t0 = time.monotonic()
+                await api.stop()
+                assert 0.25 <= time.monotonic() - t0 < 3, "waited shutdown_wait for the open stream"
+                with pytest.raises(httpx.ConnectError):
+                    await client.get(url + "/status")  # the listener is closed
+                with pytest.raises(httpx.RemoteProtocolError), anyio.fail_after(5):  # no terminating chunk
+                    async for _ in events:
+                        pass
+
+
+async def test_agentapi_drops_a_subscriber_whose_write_blocks() -> None:
+    api = FakeAgentAPI(write_timeout=0.5, max_queue=100_000)
+    api.add_message("agent", "start")
+    big = "─" * 200_000
+    async with api.serve() as a:
+        async with await anyio.connect_tcp("127.0.0.1", a.port) as sock:
+            await sock.send(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await a.wait_for_subscribers(1)
+            with anyio.fail_after(20):  # never read: the socket buffers fill and a write blocks
+                while a.dropped_subscribers == 0:
+                    api.update_last(big)
+                    await anyio.sleep(0.05)
+            assert a.subscribers == 0
 
 
 async def test_agentapi_restart_on_the_same_port() -> None:
