@@ -645,6 +645,7 @@ async def test_status_json_reports_the_daemon_and_exit_3_without_one(world):
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
     api = FakeAgentAPI()
     api.load(conversations.generic_conversation(3))
+    api.set_status("stable")  # agentapi starts `running`; the agent has settled since
     async with coderd.serve():
         async with api.serve():
             port = api.port

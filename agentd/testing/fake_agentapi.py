@@ -395,7 +395,7 @@ class FakeAgentAPI(Served):
             )
             return
         if ex.path == "/messages":
-            body = {"messages": [m.as_message() for m in self.messages]}
+            body: dict[str, Any] = {"messages": [m.as_message() for m in self.messages]}
             await self._json(ex, "MessagesResponseBody", body)
         elif ex.path == "/status":
             body = {"agent_type": self.agent_type, "status": self.status, "transport": self.transport}
