@@ -351,14 +351,12 @@ async def fetch_status(client: httpx.AsyncClient, base_url: str, timeout: float)
 
 
 def _json_loads(data: bytes | str) -> Any:
-    """``json.loads``; bytes are UTF-8 with invalid sequences replaced (WHATWG decodes the event
-    stream so). Raises ValueError for anything that is not JSON, nested too deep included."""
+    """``json.loads``; bytes are decoded first as UTF-8 with invalid sequences replaced (WHATWG
+    decodes the event stream so; and decoding first is faster than ``json.loads(bytes)``, which
+    decodes with an error handler: 0.14 against 0.21 s per 1 000 x 64 KiB here). Raises
+    ValueError for anything that is not JSON, nested too deep included."""
     try:
-        try:
-            return json.loads(data)
-        except UnicodeDecodeError:
-            assert isinstance(data, bytes)
-            return json.loads(data.decode("utf-8", "replace"))
+        return json.loads(data.decode("utf-8", "replace") if isinstance(data, bytes) else data)
     except RecursionError:  # nested too deep: not agentapi's shape either
         raise ValueError("JSON nested too deep") from None
 
@@ -640,6 +638,7 @@ class AgentAPITail:
         try:
             await self._check_events_response(response)
             _keepalive(response)
+            _larger_reads(response)
             self._dead = None
             with anyio.CancelScope() as scope:
                 self._stream_scope = scope
@@ -767,6 +766,19 @@ class AgentAPITail:
     async def _poll_status(self) -> None:
         with contextlib.suppress(AgentAPIError):  # the status only drives checkpoints; the messages matter
             self._set_agent_status(await fetch_status(self.client, self.base_url, self.connect_timeout))
+
+
+def _larger_reads(response: httpx.Response) -> None:
+    """Read the event stream's socket 256 KiB at a time instead of httpcore's 64 KiB: a 64 KiB
+    ``message_update`` then costs one pass through httpx, httpcore and h11 instead of two or
+    three (``make bench``: ingest about 8 % less CPU). httpcore reads ``READ_NUM_BYTES`` per
+    receive, a class attribute; it is set on this one connection, found through the response's
+    stream wrappers. Best effort: if httpx or httpcore change those, nothing happens."""
+    stream: Any = response.stream
+    for name in ("_stream", "_httpcore_stream", "_stream", "_connection"):
+        stream = getattr(stream, name, None)
+    if stream is not None and isinstance(getattr(stream, "READ_NUM_BYTES", None), int):
+        stream.READ_NUM_BYTES = 256 * 1024
 
 
 def _keepalive(response: httpx.Response) -> None:

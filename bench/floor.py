@@ -4,7 +4,7 @@
 
 Connects to ``URL/events`` over a plain socket (HTTP/1.1, the same request agentd makes),
 undoes the chunked transfer encoding, splits the stream into events at blank lines and
-``json.loads`` each event's ``data``. Prints ``ready`` once the replay is over (the first
+``json.loads`` each event's ``data`` (decoded first: faster than ``json.loads`` on bytes). Prints ``ready`` once the replay is over (the first
 ``status_change``), then reads until a ``message_update`` with id ``MARKER_ID`` and prints
 ``done N`` (N: events decoded since ready). No validation, no caps, no ring buffer: what is
 left is the socket, the de-chunking, the line split and the JSON decode, which agentd cannot
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
         while (end := sse.find(b"\n\n", start)) >= 0:
             name_end = sse.find(b"\n", start, end)
             name = sse[start + 7 : name_end] if sse.startswith(b"event: ", start) else b"message"
-            data = json.loads(sse[name_end + 7 : end]) if sse.startswith(b"data: ", name_end + 1) else None
+            data = json.loads(sse[name_end + 7 : end].decode()) if sse.startswith(b"data: ", name_end + 1) else None
             start = end + 2
             if ready:
                 count += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,7 +169,9 @@ class Ingest:
 
     @property
     def ratio(self) -> float:
-        return self.agentd.median / self.floor.median
+        """The median of the per-run ratios (each agentd run beside the floor run right after
+        it, so both see the same load on a shared machine)."""
+        return statistics.median(a / f for a, f in zip(self.agentd.values, self.floor.values, strict=True))
 
 
 def _floor_cpu(standins: Standins, base: list[tuple[str, str]], contents: list[str]) -> float:
