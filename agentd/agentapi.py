@@ -362,14 +362,15 @@ def _json_loads(data: bytes | str) -> Any:
 
 
 def _may_hold_surrogates(data: bytes) -> bool:
-    """False when decoding the JSON ``data`` (bytes) cannot yield a lone surrogate: it holds no
-    ``\\uD800``-``\\uDFFF`` escape. :func:`agentd.messages.may_hold_surrogates`' test, run on the
+    """False when decoding the JSON ``data`` (bytes) cannot yield a lone surrogate or U+0000
+    (what :func:`agentd.messages.clean_text` replaces): it holds no ``\\uD800``-``\\uDFFF``
+    and no ``\\u0000`` escape. :func:`agentd.messages.may_hold_surrogates`' test, run on the
     bytes before decoding (screen text is full of ``\\n`` escapes, so a plain substring search
-    for ``\\ud`` is slower than this regex)."""
-    return _SURROGATE_ESCAPE.search(data) is not None
+    for ``\\u`` is slower than this regex)."""
+    return _NEEDS_CLEANING.search(data) is not None
 
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_NEEDS_CLEANING = re.compile(rb"\\u(?:[dD][89a-fA-F]|0000)")
 
 
 # ---------------------------------------------------------------------------------------------
