@@ -316,7 +316,7 @@ async def agentapi_probe(url: str, **kwargs: Any) -> probe.AgentAPIReport:
 async def test_agentapi_ready_with_sse(anyio_backend: str) -> None:
     api = FakeAgentAPI(agent_type="claude")
     for i in range(12):
-        api.add_message("user" if i % 2 == 0 else "agent", f"message {i}: ╭─ box ─╮")
+        api.add_message("agent" if i % 2 == 0 else "user", f"message {i}: ╭─ box ─╮")  # agent first: agentapi's PTY message 0
     async with api.serve():
         where = f"127.0.0.1:{api.port}"
         report = await agentapi_probe(api.url, max_messages=10)
@@ -329,8 +329,9 @@ async def test_agentapi_without_events_is_polled_and_empty_is_said(anyio_backend
     api = FakeAgentAPI(events=False)
     async with api.serve():
         report = await agentapi_probe(api.url)
-    assert report.ok and report.events == "polling" and report.messages == 0
-    assert "GET /events answered 404" in report.sentence and "empty" in report.sentence
+    # agentapi's PTY start: only its empty placeholder, message 0.
+    assert report.ok and report.events == "polling" and report.messages == 1
+    assert "GET /events answered 404" in report.sentence and "no message with content yet" in report.sentence
 
 
 async def test_agentapi_refusing_the_host_header(anyio_backend: str) -> None:
@@ -407,7 +408,7 @@ async def stop(handle: Handle) -> int:
 async def test_startup_probe_logs_ready_and_the_stop_still_stores(anyio_backend: str, run_daemon: Any, short_dir: Path) -> None:
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
     api = FakeAgentAPI()
-    api.add_message("user", "hello ╭─╮")
+    api.add_message("agent", "hello ╭─╮")  # fills agentapi's PTY message 0
     async with coderd.serve(), api.serve(), run_daemon(coderd.url, api.url) as handle:
         status = await wait_status(short_dir / "agentd.sock", lambda s: (s["probe"] or {}).get("coderd") is not None, 30)
         assert status["probe"]["coderd"]["code"] == "ready"
@@ -458,7 +459,7 @@ async def test_startup_probe_does_not_hold_ready_or_the_stop(anyio_backend: str,
     """coderd hangs the probe: READY comes anyway, and SIGTERM's upload is not held by it."""
     coderd = FakeCoderd(token=TOKEN, tasks={TASK}, script=["hang"])
     api = FakeAgentAPI()
-    api.add_message("user", "kept")
+    api.add_message("agent", "kept")  # fills agentapi's PTY message 0
     async with coderd.serve(), api.serve(), run_daemon(coderd.url, api.url) as handle:
         await coderd.wait_for(lambda: len(coderd.requests) >= 1, 30)
         await wait_status(short_dir / "agentd.sock", lambda s: s["messages"] == 1, 30)
@@ -486,7 +487,8 @@ async def test_startup_probe_names_agentapis_host_allow_list(anyio_backend: str,
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
     refusing = answering(400, "text/plain; charset=utf-8", b"Invalid host header\n")
     async with coderd.serve(), refusing as url, run_daemon(coderd.url, url) as handle:
-        await wait_until(lambda: any("Invalid host header" in e for e in handle.events()), 60, "the Host line")
+        await wait_until(lambda: any(e.get("probe") == "host_refused" for e in json_lines(handle.output())), 60, "the Host line")
         await stop(handle)
-    [line] = [e for e in json_lines(handle.output()) if "Invalid host header" in e.get("event", "")]
+    # The probe's warning at start-up (the tail's own error line says it too, once, and stays in tail.problem).
+    [line] = [e for e in json_lines(handle.output()) if "Invalid host header" in e.get("event", "") and e.get("probe") == "host_refused"]
     assert line["level"] == "warning" and "--allowed-hosts 127.0.0.1" in line["event"]
