@@ -287,7 +287,7 @@ class _MessagesReader:
 async def fetch_messages(
     client: httpx.AsyncClient,
     base_url: str,
-    timeout: float,  # noqa: ASYNC109 (the deadline is applied inside, with anyio.fail_after)
+    timeout: float,
     *,
     buffer: RingBuffer | None = None,
     max_item: int = MAX_EVENT_BYTES,
@@ -331,7 +331,7 @@ async def fetch_messages(
     return [reader.kept[i] for i in sorted(reader.kept)]
 
 
-async def fetch_status(client: httpx.AsyncClient, base_url: str, timeout: float) -> str | None:  # noqa: ASYNC109
+async def fetch_status(client: httpx.AsyncClient, base_url: str, timeout: float) -> str | None:
     """``GET {base_url}/status`` within ``timeout`` seconds: the agent's status string, or None
     when the answer has none. Raises :class:`AgentAPIError` when agentapi does not answer 200."""
     try:

@@ -393,8 +393,8 @@ async def agentd_process(agentapi_url: str, coderd_url: str, short_dir: Path) ->
         AGENTD_SOCKET=str(short_dir / "agentd.sock"), AGENTD_LOG_FORMAT="json", AGENTD_SHUTDOWN_TIMEOUT="5",
         PYTHONPATH=str(REPO_ROOT),
     )
-    out = open(short_dir / "out", "wb")  # noqa: SIM115, ASYNC230 - closed below; a local file
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once, never waited on blocking
+    out = open(short_dir / "out", "wb")
+    proc = subprocess.Popen(
         [sys.executable, "-m", "agentd", "run"], env=env, stdout=out, stderr=subprocess.STDOUT,
     )
     try:
@@ -510,7 +510,7 @@ async def test_hostile_or_huge_messages_in_bounded_memory(case: str, short_dir: 
                     return False
 
             with anyio.fail_after(240):
-                while not await holds_the_newest():  # noqa: ASYNC110 - polling another process
+                while not await holds_the_newest():
                     await anyio.sleep(0.5)
         code, text, peak = await _stop(proc, short_dir)
     _report(case, peak)

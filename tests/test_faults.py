@@ -525,14 +525,14 @@ SSE_FAULTS = ["cut-mid-event", "invalid-json", "deeply-nested-json", "unknown-ev
 @pytest.mark.parametrize("fault", SSE_FAULTS)
 async def test_event_stream_fault_then_later_events_apply(anyio_backend: str, tmp_path: Path, fault: str) -> None:
     api = FakeAgentAPI()
-    small_conversation(api)
+    small_conversation(api, 5)  # agent first (agentapi's message 0) and last: the agent's message is rewritten
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
     async with api.serve(), coderd.serve(), agentd(
         anyio_backend, tmp_path, AGENTD_AGENTAPI_URL=api.url, AGENTD_SHUTDOWN_TIMEOUT="4",
         **coderd_env(coderd.url),
     ) as d:
         await d.wait_started()
-        await d.wait_status(lambda s: s["source"]["state"] == "connected" and s["messages"] == 4)
+        await d.wait_status(lambda s: s["source"]["state"] == "connected" and s["messages"] == 5)
         frames = _fault_frames(api, fault)
         injected = time.monotonic()
         if frames is None:

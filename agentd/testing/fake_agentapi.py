@@ -121,7 +121,7 @@ def format_rfc3339_nano(ns: int, utc_offset_minutes: int = 0) -> str:
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {event}\ndata: {payload}\n\n".encode("utf-8")
+    return f"event: {event}\ndata: {payload}\n\n".encode()
 
 
 @dataclass
@@ -318,10 +318,7 @@ class FakeAgentAPI(Served):
     def cut_streams_mid_event(self) -> None:
         """Write the first half of a ``message_update`` to every stream, then close the
         connection without ending the chunked body (the client sees a truncated stream)."""
-        if self.messages:
-            frame = _sse("message_update", self.messages[-1].as_update())
-        else:
-            frame = self._status_frame()
+        frame = _sse("message_update", self.messages[-1].as_update()) if self.messages else self._status_frame()
         half = frame[: max(1, len(frame) // 2)]
         for sub in list(self._subs):
             sub.send.send_nowait(_Cut(half))
@@ -361,7 +358,7 @@ class FakeAgentAPI(Served):
             return
         await self.server.stop_accepting()
         with anyio.move_on_after(wait):
-            while self._subs:
+            while self._subs:  # noqa: ASYNC110 - streams end in their own tasks; polled like wait_for
                 await anyio.sleep(0.01)
 
     async def stop(self) -> None:
@@ -618,7 +615,7 @@ async def _amain(args: argparse.Namespace) -> int:
     api = FakeAgentAPI(agent_type=args.agent_type, transport=args.transport, events=not args.no_events,
                        max_queue=args.max_queue, allowed_hosts=hosts, shutdown_wait=args.shutdown_wait)
     saved: list[Message] | None = None
-    if args.state_file and args.transport == "pty" and os.path.exists(args.state_file):
+    if args.state_file and args.transport == "pty" and os.path.exists(args.state_file):  # noqa: ASYNC240 - once, at start
         saved = _load_state(args.state_file)
     elif args.script in ("demo", "static"):
         api.load(conversations.demo_session())

@@ -589,14 +589,13 @@ async def serve(
             server._accept_done.set()
 
     error: Exception | None = None
-    async with listener:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(accept, tg)
-            try:
-                yield server
-            except Exception as exc:  # re-raised below, outside the task group: not wrapped
-                error = exc
-            finally:
-                tg.cancel_scope.cancel()
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(accept, tg)
+        try:
+            yield server
+        except Exception as exc:  # re-raised below, outside the task group: not wrapped
+            error = exc
+        finally:
+            tg.cancel_scope.cancel()
     if error is not None:
         raise error
