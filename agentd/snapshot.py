@@ -15,8 +15,9 @@ sizes here are always the encoded bytes actually sent, never characters. The pol
 3. The newest message is always present; if it alone is too big, it is the one that is cut.
 4. A cut starts at a line boundary when one is within the first 256 characters of the kept
    tail (terminal screens read better that way), and never inside a code point.
-5. A conversation with nothing in it (no messages, or only empty placeholders) yields no
-   snapshot: uploading it would replace a good stored one.
+5. Empty messages (agentapi's PTY placeholder before the agent's first screen, an ACP reply
+   not yet written) are left out: there is nothing in them to read. A conversation with
+   nothing else yields no snapshot: uploading it would replace a good stored one.
 6. When the newest message is the agent's and must be cut, the question it answers (the
    newest user message before it) is kept too, in front of it: whole if it takes at most
    :func:`question_share` of the budget (1/8), else cut the same way to exactly that share.
@@ -136,13 +137,13 @@ def _cut(message: Message, room: int, min_tail: int) -> bytes | None:
 def build_snapshot(messages: Sequence[Message], max_bytes: int = CODERD_MAX_BODY) -> Snapshot | None:
     """Build the request body from ``messages`` (ids ascending, as the ring buffer holds them).
 
-    Returns None for a conversation with nothing in it (no messages, or only empty
-    placeholders). The result is at most ``max_bytes`` bytes for any content. Raises ValueError
+    Empty messages are left out; returns None when nothing else is left (rule 5). The result is at most ``max_bytes`` bytes for any content. Raises ValueError
     if ``max_bytes`` is below :data:`MIN_MAX_BYTES`.
     """
     if max_bytes < MIN_MAX_BYTES:
         raise ValueError(f"max_bytes must be at least {MIN_MAX_BYTES}, got {max_bytes}")
-    if not any(m.content or m.elided for m in messages):
+    messages = [m for m in messages if m.content or m.elided]  # rule 5
+    if not messages:
         return None
     budget = max_bytes - len(_HEAD) - len(_TAIL)
     kept = _with_question(messages, budget)

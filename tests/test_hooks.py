@@ -569,19 +569,21 @@ async def test_agentapi_restarted_with_fewer_messages_never_empties_the_stored_s
             assert code == 0, out + err
             before = stored_wire(coderd)
             assert before == wire(first)
-        # agentapi comes back on the same port having lost its state: one message, id 0.
+        # agentapi comes back on the same port having lost its state: the agent's new screen at
+        # id 0 (as agentapi 0.12's PTY conversation starts), then a question at id 1.
         second = FakeAgentAPI()
+        second.add_message("agent", "╭─ agent ready after the restart ─╮")
         second.add_message("user", "after the restart: a new question")
         async with second.serve(port=port):
-            status = await wait_status(world.socket, lambda s: s["messages"] == 4 and s["source"]["state"] == "connected")
-            assert status["newest_id"] == 3
+            status = await wait_status(world.socket, lambda s: s["messages"] == 5 and s["source"]["state"] == "connected")
+            assert status["newest_id"] == 4
             second.add_message("agent", "⏺ new work after the restart ─ done")
-            await wait_status(world.socket, lambda s: s["messages"] == 5)
+            await wait_status(world.socket, lambda s: s["messages"] == 6)
             daemon.signal(signal.SIGTERM)
             assert await daemon.wait(10) == 0
         stored = stored_wire(coderd)
         assert stored[:3] == before, "the earlier messages are still in the stored snapshot"
-        assert [m[0] for m in stored] == [0, 1, 2, 3, 4], "the new ones follow with ascending ids"
+        assert [m[0] for m in stored] == [0, 1, 2, 3, 4, 5], "the new ones follow with ascending ids"
         assert [m[1:] for m in stored[3:]] == [m[1:] for m in wire(second)]
     assert_no_token(daemon.output(), out, err)
 
@@ -603,7 +605,7 @@ async def test_agentapi_restarted_empty_then_agentd_killed_and_restarted_keeps_o
             answer = await ask(world.socket, {"command": "snapshot", "timeout": 5}, timeout=8)
             assert answer["result"] == "stored", answer
             before = stored_wire(coderd)
-        second = FakeAgentAPI()  # no messages at all
+        second = FakeAgentAPI()  # only agentapi's empty placeholder (PTY start): nothing to read
         async with second.serve(port=port):
             await second.wait_for_subscribers(1, timeout=STARTUP)
             await wait_status(world.socket, lambda s: s["source"]["state"] == "connected")
@@ -611,10 +613,11 @@ async def test_agentapi_restarted_empty_then_agentd_killed_and_restarted_keeps_o
             assert code == 0 and "unchanged" in one_line(out), out + err
             assert len(snapshot_posts(coderd)) == 1 and stored_wire(coderd) == before
 
+            second.add_message("agent", "╭─ agent ready after the restart ─╮")  # its screen fills message 0
             second.add_message("user", "after the restart: question")
             second.add_message("agent", "after the restart: answer ─ done")
-            await wait_status(world.socket, lambda s: s["messages"] == 5, proc=daemon)
-            await wait_until(lambda: len((world.state_file() or {}).get("messages", [])) == 5, 30, "the state file")
+            await wait_status(world.socket, lambda s: s["messages"] == 6, proc=daemon)
+            await wait_until(lambda: len((world.state_file() or {}).get("messages", [])) == 6, 30, "the state file")
             daemon.signal(signal.SIGKILL)
             await daemon.wait(5)
 
@@ -622,14 +625,14 @@ async def test_agentapi_restarted_empty_then_agentd_killed_and_restarted_keeps_o
             status = await wait_status(
                 world.socket, lambda s: s["pid"] == again.pid and s["source"]["state"] == "connected", proc=again
             )
-            assert status["messages"] == 5 and status["newest_id"] == 4, status
+            assert status["messages"] == 6 and status["newest_id"] == 5, status
             second.add_message("user", "one more")
-            await wait_status(world.socket, lambda s: s["messages"] == 6, proc=again)
+            await wait_status(world.socket, lambda s: s["messages"] == 7, proc=again)
             again.signal(signal.SIGTERM)
             assert await again.wait(10) == 0
         stored = stored_wire(coderd)
         assert stored[:3] == before
-        assert [m[0] for m in stored] == list(range(6))
+        assert [m[0] for m in stored] == list(range(7))
         assert [m[2] for m in stored[3:]] == [m.content for m in second.messages]
     assert_no_token(daemon.output(), again.output(), out, err)
 

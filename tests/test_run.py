@@ -591,6 +591,7 @@ async def test_empty_conversation_is_never_uploaded(in_process, short_dir: Path)
 async def test_bad_roles_are_kept_out_and_read_back_works(in_process, short_dir: Path) -> None:
     """coderd stores any role but its read-back fails with 500 on anything but user/agent."""
     api = FakeAgentAPI()
+    api.add_message("agent", "╭─ Claude Code ─╮ ready")  # the agent's first screen: message 0
     api.add_message("user", "Fix the flaky test, please.")
     api.add_message("system", "╭─ system prompt ─╮ (not a conversation role)")
     api.add_message("agent", "⏺ On it ─ reading tests/test_upload.py")
@@ -603,7 +604,7 @@ async def test_bad_roles_are_kept_out_and_read_back_works(in_process, short_dir:
             assert await agentd.wait() == 0, agentd.output()
         snap = stored(coderd)
         assert snap is not None
-        assert [m["id"] for m in snap.messages] == [0, 1, 3, 5]  # 0: agentapi's PTY placeholder
+        assert [m["id"] for m in snap.messages] == [0, 1, 3, 5]  # 0: the agent's first screen
         assert {m["role"] for m in snap.messages} <= ROLES
         assert_same(snap.messages, [m for m in api.messages if m.role in ROLES])
         coderd.complete_stop_build()  # the workspace has stopped: read-back serves the snapshot

@@ -38,8 +38,14 @@ def whole_size(messages):
     return len(b'{"messages":[]}') + len(messages) - 1 + sum(len(encode_message(m)) for m in messages)
 
 
+def readable(messages):
+    """The messages a snapshot may carry: empty ones are left out (the policy's rule 5)."""
+    return [m for m in messages if m.content or m.elided]
+
+
 def check_body(snapshot, messages, max_bytes):
     """The invariants every body must hold; returns the decoded messages."""
+    messages = readable(messages)
     assert snapshot.size <= max_bytes
     text = snapshot.body.decode("utf-8")  # strict: never a split code point
     decoded = json.loads(text)["messages"]
@@ -85,14 +91,14 @@ def test_any_content_fits_and_keeps_the_newest(messages, max_bytes):
         assert snapshot is None, "only empty placeholders: nothing worth uploading"
         return
     check_body(snapshot, messages, max_bytes)
-    if whole_size(messages) <= max_bytes:
-        assert snapshot.truncated_id is None and len(snapshot.message_ids) == len(messages)
+    if whole_size(readable(messages)) <= max_bytes:
+        assert snapshot.truncated_id is None and len(snapshot.message_ids) == len(readable(messages))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conversations(), st.integers(8_192, CODERD_MAX_BODY))
 def test_budget_is_used_when_messages_must_be_cut(messages, max_bytes):
-    assume(whole_size(messages) > max_bytes and any(m.content for m in messages))
+    assume(whole_size(readable(messages)) > max_bytes and any(m.content for m in messages))
     snapshot = build_snapshot(messages, max_bytes)
     assert snapshot.size >= 0.9 * max_bytes
 
@@ -115,7 +121,7 @@ def test_ring_buffer_then_trim(messages, max_messages, max_bytes):
     # Characters the buffer dropped on entry are counted in the marker: the tail is exact.
     newest = decoded[-1]["content"]
     match = MARKER.match(newest)
-    original = messages[-1].content
+    original = readable(messages)[-1].content
     if match:
         assert newest[match.end() :] == original[int(match.group(1)) :]
     else:
@@ -131,7 +137,8 @@ def test_placeholders_alone_are_never_uploaded():
     and an upload would replace a good stored snapshot."""
     assert build_snapshot([Message(0, "agent", "", T)]) is None
     assert build_snapshot([Message(0, "agent", "", T), Message(4, "agent", "", T)]) is None
-    assert build_snapshot([Message(0, "agent", "", T), Message(1, "user", "hi", T)]).message_ids == (0, 1)
+    # Beside messages with content, an empty one is left out: there is nothing in it to read.
+    assert build_snapshot([Message(0, "agent", "", T), Message(1, "user", "hi", T)]).message_ids == (1,)
 
 
 @st.composite
@@ -149,6 +156,7 @@ def question_then_long_answer(draw):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(question_then_long_answer(), st.integers(1_024, CODERD_MAX_BODY))
 def test_the_question_stays_beside_a_cut_answer(messages, max_bytes):
+    messages = readable(messages)
     assume(must_cut_the_answer(messages, max_bytes))
     snapshot = build_snapshot(messages, max_bytes)
     decoded = check_body(snapshot, messages, max_bytes)  # size, JSON shape, exact tails
