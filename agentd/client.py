@@ -209,7 +209,8 @@ def _source_text(source: dict[str, Any], agent: Any) -> str:
         "polling": f"polling {url}/messages since {since} (no event stream)",
         "disconnected": f"unreachable since {since} ({url})",
     }.get(str(state), f"not reached yet, trying since {since} ({url})")
-    return f"{text}, agent {agent}" if agent else text
+    text = f"{text}, agent {agent}" if agent else text
+    return f"{text}; {source['problem']}" if source.get("problem") else text
 
 
 def _upload_text(upload: dict[str, Any] | None) -> str:
@@ -265,8 +266,10 @@ def status_short(data: dict[str, Any], now: float | None = None) -> str:
     upload = data.get("last_upload")
     last = "none yet" if not upload else f"{upload.get('outcome', 'unknown')} {_ago(upload.get('time'), now)}"
     text = f"{_plural(int(data.get('messages') or 0), 'message')} held; last upload {last}"
-    state = (data.get("source") or {}).get("state")
-    if state == "disconnected":
+    source = data.get("source") or {}
+    if source.get("problem"):
+        return f"agentapi problem; {text}"
+    if source.get("state") == "disconnected":
         return f"agentapi unreachable; {text}"
     return text
 

@@ -308,7 +308,10 @@ class Daemon:
                 self.agentapi_client, s.agentapi_url, max_messages=s.max_messages, max_bytes=s.max_bytes
             )
             self.agentapi_probe = report
-            (log.info if report.ok else log.warning)(report.line, probe=report.code)
+            if report.code == "host_refused":  # the tail says it (once) and keeps it for status: one line
+                log.debug(report.line, probe=report.code)
+            else:
+                (log.info if report.ok else log.warning)(report.line, probe=report.code)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(agentapi_once)

@@ -87,7 +87,11 @@ def view(
         "bytes": snapshot.size if snapshot else 0,
         "newest_id": buffer.newest_id,
         "agent_status": tail.agent_status,
-        "source": {"state": tail.state, "since": iso(tail.state_since), "url": settings.agentapi_url},
+        # ``problem``: what keeps the tail from following the conversation, in one line naming
+        # the fix (agentapi's Host allow-list, a URL serving neither endpoint), else None.
+        "source": {
+            "state": tail.state, "since": iso(tail.state_since), "url": settings.agentapi_url, "problem": tail.problem,
+        },
         "last_upload": upload_view(last_upload),
         "task_id": str(settings.task_id),
         "pid": os.getpid(),

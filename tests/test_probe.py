@@ -483,12 +483,15 @@ async def test_startup_probe_waits_quietly_for_a_starting_agentapi(anyio_backend
     assert not [e for e in handle.events() if e.startswith("agentapi: cannot reach")]
 
 
-async def test_startup_probe_names_agentapis_host_allow_list(anyio_backend: str, run_daemon: Any) -> None:
+async def test_startup_probe_names_agentapis_host_allow_list(anyio_backend: str, run_daemon: Any, short_dir: Path) -> None:
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
     refusing = answering(400, "text/plain; charset=utf-8", b"Invalid host header\n")
     async with coderd.serve(), refusing as url, run_daemon(coderd.url, url) as handle:
-        await wait_until(lambda: any(e.get("probe") == "host_refused" for e in json_lines(handle.output())), 60, "the Host line")
+        await wait_until(lambda: any("--allowed-hosts" in e for e in handle.events()), 60, "the Host line")
+        status = await wait_status(short_dir / "agentd.sock", lambda s: bool(s["source"]["problem"]), 30)
         await stop(handle)
-    # The probe's warning at start-up (the tail's own error line says it too, once, and stays in tail.problem).
-    [line] = [e for e in json_lines(handle.output()) if "Invalid host header" in e.get("event", "") and e.get("probe") == "host_refused"]
-    assert line["level"] == "warning" and "--allowed-hosts 127.0.0.1" in line["event"]
+    # One line says it (the tail's; the probe agrees in silence), and `agentd status` keeps it.
+    said = [e for e in json_lines(handle.output()) if "--allowed-hosts" in e.get("event", "") and e.get("level") in ("warning", "error")]
+    assert len(said) == 1, said
+    assert "--allowed-hosts 127.0.0.1" in said[0]["event"]
+    assert "--allowed-hosts 127.0.0.1" in (status["source"]["problem"] or "")
