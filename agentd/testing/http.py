@@ -37,7 +37,7 @@ import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,10 +188,8 @@ class _Connection:
         if reset:
             sock = self.stream.extra(SocketAttribute.raw_socket, None)
             if sock is not None:
-                try:
+                with suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:
-                    pass
         await anyio.aclose_forcefully(self.stream)
 
 
@@ -247,10 +245,10 @@ class Exchange:
             for name, value in request.headers
         ]
         self.http_version: str = request.http_version.decode("ascii", "replace")
-        try:
-            self.client: tuple[str, int] | None = conn.stream.extra(SocketAttribute.remote_address)
-        except Exception:  # pragma: no cover - unusual transports
-            self.client = None
+        self.client: tuple[str, int] | None = None
+        with suppress(Exception):  # pragma: no cover - unusual transports
+            address = conn.stream.extra(SocketAttribute.remote_address)
+            self.client = address if isinstance(address, tuple) else None  # a Unix socket's is a str
         self._body = bytearray()
         self._body_done = False
         self.responded = False
@@ -320,7 +318,7 @@ class Exchange:
     async def respond_json(self, status: int, obj: Any, headers: Headers | None = None) -> None:
         """Send ``obj`` as a JSON body (UTF-8, ``application/json``)."""
         body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        hdrs = [("content-type", "application/json")] + _header_list(headers)
+        hdrs = [("content-type", "application/json"), *_header_list(headers)]
         await self.respond(status, hdrs, body)
 
     async def start_stream(self, status: int = 200, headers: Headers | None = None) -> StreamingResponse:
@@ -441,7 +439,7 @@ class Served:
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
         """Poll ``predicate`` every 10 ms until true; raises TimeoutError after ``timeout`` s."""
         with anyio.fail_after(timeout):
-            while not predicate():
+            while not predicate():  # noqa: ASYNC110 - a predicate over the stand-in's state, polled for tests
                 await anyio.sleep(0.01)
 
 
