@@ -59,8 +59,9 @@ def stored_messages(coderd: FakeCoderd) -> list[dict[str, Any]]:
 
 
 def snapshot_body_size(messages: list[dict[str, Any]]) -> int:
-    """Bytes of the compact UTF-8 JSON body for ``messages`` (when nothing is trimmed)."""
-    body = {"messages": [{"id": m["id"], "content": m["content"], "role": m["role"], "time": m["time"]} for m in messages]}
+    """Bytes of the compact UTF-8 JSON body for ``messages`` (when nothing is trimmed; empty
+    messages are left out, as the trimming policy does)."""
+    body = {"messages": [{"id": m["id"], "content": m["content"], "role": m["role"], "time": m["time"]} for m in messages if m["content"]]}
     return len(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
 
 
@@ -616,6 +617,7 @@ FLOOD_UPDATES = 5_000
 
 async def test_flood_of_updates_memory_bounded_newest_wins(anyio_backend: str, tmp_path: Path) -> None:
     api = FakeAgentAPI()
+    api.add_message("agent", "╭─ agent ready ─╮")  # the agent's first screen: agentapi's PTY message 0
     api.add_message("user", "Write the whole module, please.")
     api.add_message("agent", "⏺ Starting…")
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
@@ -631,7 +633,7 @@ async def test_flood_of_updates_memory_bounded_newest_wins(anyio_backend: str, t
         **coderd_env(coderd.url),
     ) as d:
         await d.wait_started()
-        await d.wait_status(lambda s: s["source"]["state"] == "connected" and s["messages"] == len(api.messages))  # with agentapi's PTY message 0
+        await d.wait_status(lambda s: s["source"]["state"] == "connected" and s["messages"] == len(api.messages))
         baseline_kib = d.rss_kib()
         done = False
 
@@ -655,7 +657,7 @@ async def test_flood_of_updates_memory_bounded_newest_wins(anyio_backend: str, t
             caught_up = time.monotonic() - flood_started
             done = True
         hwm_kib = d.rss_kib("VmHWM")
-        assert status["newest_id"] == 2 and status["source"]["state"] == "connected"  # 0: agentapi's PTY placeholder
+        assert status["newest_id"] == 2 and status["source"]["state"] == "connected"
         d.signal(signal.SIGTERM)
         rc, took = await d.wait_exit(4 + EXIT_SLACK)
         d.assert_clean()
