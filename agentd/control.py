@@ -15,9 +15,11 @@ is an error naming it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -107,6 +109,10 @@ async def open_listener(path: Path) -> anyio.abc.SocketListener:
 
 
 def _remove_stale(path: Path) -> None:
+    """Remove a socket left by a daemon that is gone; anything else at ``path`` (a file of
+    someone's, a directory) is not ours to delete: OSError naming it."""
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise OSError(errno.EEXIST, "exists and is not a socket (not removed)")
     path.unlink()
     log.info("replaced a stale control socket", path=str(path))
 

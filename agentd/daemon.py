@@ -53,7 +53,7 @@ from agentd.logs import add_secret, add_url_secrets, get_logger
 from agentd.outcome import UploadOutcome, as_json
 from agentd.sdnotify import Notifier
 from agentd.settings import Settings
-from agentd.signals import GIVE_UP_HINT, HANDLED, Action, SignalPolicy, name
+from agentd.signals import GIVE_UP_HINT, HANDLED, STOP, Action, SignalPolicy, name
 from agentd.snapshot import Snapshot, build_snapshot
 from agentd.state import SavedState, StateStore
 from agentd.supervise import Child, finish, reaper
@@ -399,7 +399,7 @@ async def run(
     listener: anyio.abc.SocketListener | None = None
     before = _handlers()
     try:
-        with anyio.open_signal_receiver(*HANDLED) as receiver:
+        with anyio.open_signal_receiver(*_taken(before)) as receiver:
             early = list(globals()["early_signals"] if early_signals is None else early_signals)  # complete now
             async with Daemon(settings, notifier) as daemon:
                 daemon.load()
@@ -418,6 +418,14 @@ async def run(
 
 
 Handlers = dict[int, Any]
+
+
+def _taken(before: Handlers) -> tuple[signal.Signals, ...]:
+    """The :data:`HANDLED` signals the daemon takes: all but those its starter ignores on
+    purpose (``nohup agentd run &`` leaves SIGHUP ignored; the entry shim keeps it so)."""
+    return tuple(
+        signal.Signals(signum) for signum in HANDLED if before.get(signum) is not signal.SIG_IGN or signum not in STOP
+    )
 
 
 def _handlers() -> Handlers:

@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Signals whose default action would end the process but that mean no stop to agentd
@@ -67,7 +68,10 @@ class EarlySignals(list[int]):
         except (OSError, ValueError):  # no pipe, or not the main thread: count handler calls only
             self._pipe = -1
         for signum in STOP_SIGNALS:
-            signal.signal(signum, self._remember)
+            # A signal ignored by whoever started agentd stays ignored (``nohup agentd run &``
+            # ignores SIGHUP on purpose); the daemon then leaves it ignored too.
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, self._remember)
         for signum in QUIET_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         return self
@@ -130,6 +134,8 @@ def main() -> None:
     early = EarlySignals().install()
     import os
 
+    _open_standard_streams(os)
+
     if os.environ.get("AGENTD_ASYNC_BACKEND", "asyncio").strip().lower() in ("", "asyncio"):
         sys.modules.setdefault("trio", None)  # type: ignore[arg-type]  # `import trio` -> ImportError
     import gc
@@ -147,6 +153,22 @@ def main() -> None:
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)
     _quick_exit(status)
+
+
+def _open_standard_streams(os: Any) -> None:
+    """A closed stdin, stdout or stderr (``agentd status >&-``) becomes /dev/null: results and
+    log lines are dropped, as for a closed pipe, and no file opened later lands on fd 1 or 2."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:  # Python found the fd closed at start
+            setattr(sys, name, open(fd, mode, closefd=False))  # noqa: SIM115 - lives as long as the process
 
 
 def _quick_exit(status: int) -> None:

@@ -14,9 +14,11 @@ an error.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import ssl
+import stat
 from pathlib import Path
 from typing import Any, Literal
 from uuid import UUID
@@ -111,6 +113,10 @@ class Settings(BaseSettings):
             url = None
         if url is None or url.scheme not in ("http", "https") or not url.host:
             raise ValueError("must be an http:// or https:// URL")
+        if url.port is not None and not 0 < url.port <= 65_535:
+            raise ValueError(f"port {url.port} is not in 1-65535")
+        if url.query or url.fragment or "?" in value or "#" in value:
+            raise ValueError("must be a base URL, without a query or fragment")
         return value
 
     @field_validator("ca_file")
@@ -178,12 +184,31 @@ def _named(field: str) -> str:
     return f"{ENV_NAMES.get(field, field)} ({flag_name(field)})"
 
 
+#: Bytes read of the token file at most: an agent token is well under a kilobyte.
+TOKEN_FILE_LIMIT = 64 * 1024
+
+
+def _read_small_file(path: Path) -> bytes:
+    """A regular file's content, at most :data:`TOKEN_FILE_LIMIT` bytes, opened without blocking
+    (a FIFO or a device is refused, not waited on or read forever). Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = os.read(fd, TOKEN_FILE_LIMIT + 1)
+    finally:
+        os.close(fd)
+    if len(data) > TOKEN_FILE_LIMIT:
+        raise OSError(errno.EFBIG, f"over {TOKEN_FILE_LIMIT} bytes: not a token")
+    return data
+
+
 def read_token(token: str | None, token_file: Path | None) -> str:
     """The agent token: the file's content when ``token_file`` is set (the deliberate choice),
     else ``token``. Raises ValueError with a whole line naming the setting."""
     if token_file is not None:
         try:
-            token = Path(token_file).read_text(encoding="utf-8").strip()
+            token = _read_small_file(Path(token_file)).decode("utf-8", "replace").strip()
         except OSError as exc:
             raise ValueError(f"{_named('agent_token_file')}: cannot read {token_file}: {exc.strerror}") from None
         if not token:
@@ -192,7 +217,8 @@ def read_token(token: str | None, token_file: Path | None) -> str:
     if not token:
         raise ValueError(_NO_TOKEN)
     if not _TOKEN.fullmatch(token):
-        raise ValueError(f"{_named('agent_token')}: must be printable ASCII without spaces (it is sent as an HTTP header)")
+        source = _named("agent_token_file" if token_file is not None else "agent_token")
+        raise ValueError(f"{source}: must be printable ASCII without spaces (it is sent as an HTTP header)")
     return token
 
 

@@ -81,6 +81,8 @@ class Child:
         if not self.exited.is_set():
             log.warning("child did not exit in time; killing it", pid=self.process.pid, waited=grace)
             self.send(signal.SIGKILL)
+            with contextlib.suppress(OSError):  # and what it left in its session (its own group)
+                os.killpg(self.process.pid, signal.SIGKILL)
             with anyio.move_on_after(1):  # SIGKILL is immediate unless the child is stuck in the kernel
                 await self.exited.wait()
         return exit_status(self.returncode if self.returncode is not None else -signal.SIGKILL)
