@@ -110,7 +110,7 @@ class StoreResult:
         if self.result == "unchanged" and s is not None:
             return f"stored: unchanged since the last upload ({len(s.message_ids)} messages, {s.size} bytes)"
         if self.result == "stored" and o is not None:
-            return f"stored: {o.messages} messages, {o.bytes} bytes, {o.attempts} attempt{'s' * (o.attempts != 1)}"
+            return f"stored: {o.messages} message{'s' * (o.messages != 1)}, {o.bytes} bytes, {o.attempts} attempt{'s' * (o.attempts != 1)}"
         return f"not stored: {o.reason if o else self.reason or 'unknown'}"
 
     def as_dict(self) -> dict[str, Any]:
