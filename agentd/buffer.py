@@ -49,7 +49,7 @@ each with nanoseconds).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import pairwise
 
 from agentd.messages import Message
@@ -86,6 +86,41 @@ def _longer(held: Message, incoming: Message) -> Message:
     return held if held.elided + len(held.content) > incoming.elided + len(incoming.content) else incoming
 
 
+def _find_in(by_id: dict[int, Message], shift: int, message: Message) -> int | None:
+    """The id in ``by_id`` of ``message`` by rule 1, preferring the one ``shift`` maps it to."""
+    target = message.id + shift
+    held = by_id.get(target)
+    if held is not None and same_message(held, message):
+        return target
+    found = [i for i, h in by_id.items() if h.time == message.time and same_message(h, message)]
+    return max(found) if found else None
+
+
+def _first_screen(messages: list[Message]) -> bool:
+    """True for a lone agent message 0 with content: the PTY agent's screen replacing agentapi's
+    placeholder, which is all agentapi shows before it loads a saved state (rule 3a)."""
+    return len(messages) == 1 and messages[0].id == 0 and messages[0].role == "agent" and has_content(messages[0])
+
+
+@dataclass(frozen=True, slots=True)
+class _Undo:
+    """A provisional new conversation: the held messages and shift it replaced, and the id its
+    first screen (agentapi's message 0) went to."""
+
+    before: dict[int, Message]
+    shift: int
+    first: int
+
+
+def _confirms(undo: _Undo, incoming: list[Message], view: bool) -> bool:
+    """Rule 3a: content a restored state cannot show (``incoming`` holds no message of ``undo.before``)."""
+    written = [m for m in incoming if has_content(m)]
+    if view:
+        return bool(written) and not _first_screen(written)
+    oldest = min(undo.before, default=0)
+    return any(m.id + undo.shift >= oldest and not (m.id == 0 and m.role == "agent") for m in written)
+
+
 class RingBuffer:
     """The last ``max_messages`` messages by id, each at most ``max_chars`` characters long.
 
@@ -103,6 +138,7 @@ class RingBuffer:
         self._guard = False  # a view without content was seen: judge the next content by content
         self._outside = False  # an id outside int64 was stored (rule 5)
         self._aside: dict[int, Message] = {}  # updates older than the window while on guard
+        self._undo: _Undo | None = None  # a provisional new conversation (rule 3a) and what it replaced
         self.version = 0
         self.resets = 0
 
@@ -140,6 +176,7 @@ class RingBuffer:
         self._by_id.clear()
         self._aside.clear()
         self._guard = False
+        self._undo = None
         for message in messages:
             self._store(message.id, self.clip(message))
         self._shift = max(0, offset)
@@ -159,12 +196,15 @@ class RingBuffer:
         """
         version = self.version
         message = self.clip(message)
+        if self._undo is not None:
+            self._settle([message], view=False)
         if self._rewrites_newest(message):  # the hot path: the agent typing, many times a second
             target = message.id + self._shift
             self._store(target, message)
             return self.version != version
         found = self._find(message)
         if found is not None:  # rule 1, whatever its id says
+            self._forget_first_screen(found - message.id)
             self._shift = found - message.id
             self._guard = False
             self._aside.clear()
@@ -186,14 +226,19 @@ class RingBuffer:
         version = self.version
         wide = self._window(view, 2 * self.max_messages)  # a little more to recognise, the window to keep
         batch = wide[-self.max_messages :]
+        if self._undo is not None:
+            self._settle(wide, view=True)
         hits = self._matches(wide)
         if not hits and not any(has_content(m) for m in batch) and any(has_content(m) for m in self._by_id.values()):
             self._guard = True  # rule 2: agentapi lost or has not yet loaded its state
             return False
         if not batch:
             return False
+        if hits:
+            first = min(hits)
+            self._forget_first_screen(hits[first] - first)
         if not hits and (self._guard or self._contradicts(batch)):
-            self._new_conversation(batch[0].id)
+            self._new_conversation(batch[0].id, provisional=_first_screen(batch))
         self._guard = False
         self._aside.clear()
         self._merge(batch, hits)
@@ -223,12 +268,7 @@ class RingBuffer:
 
     def _find(self, message: Message) -> int | None:
         """The held id of ``message`` by rule 1, preferring the one its id maps to."""
-        target = message.id + self._shift
-        held = self._by_id.get(target)
-        if held is not None and same_message(held, message):
-            return target
-        found = [i for i, h in self._by_id.items() if h.time == message.time and same_message(h, message)]
-        return max(found) if found else None
+        return _find_in(self._by_id, self._shift, message)
 
     def _matches(self, batch: list[Message]) -> dict[int, int]:
         """agentapi id -> held id, for the view's messages agentd already holds (rule 1)."""
@@ -256,13 +296,54 @@ class RingBuffer:
                 return True
         return False
 
-    def _new_conversation(self, first: int) -> None:
-        """Rule 3: agentapi's conversation from now on is numbered after the held one."""
+    def _new_conversation(self, first: int, provisional: bool = False) -> None:
+        """Rule 3: agentapi's conversation from now on is numbered after the held one.
+
+        ``provisional`` (rule 3a): the only evidence is agentapi's message 0 showing a new
+        screen; what the buffer held is kept aside until the next evidence settles it.
+        """
         newest = self.newest_id
         if newest is not None:
-            self._shift = newest + 1 - min(0, first)
+            shift = newest + 1 - min(0, first)
+            if provisional and self._undo is None:
+                self._undo = _Undo(dict(self._by_id), self._shift, shift)
+            self._shift = shift
             self.resets += 1
         self._guard = False
+
+    def _settle(self, incoming: list[Message], view: bool) -> None:
+        """Rule 3a: settle a provisional new conversation with the next evidence.
+
+        A message held before it (rule 1) undoes it: agentapi loaded its saved state and the
+        new screen was a transient one it replaced. Content it cannot be (another message than
+        agentapi's message 0, at an id the held window covers; in a view, anything beside a
+        lone message 0) confirms it; so does a view without content once messages follow it.
+        """
+        undo = self._undo
+        assert undo is not None
+        if any(_find_in(undo.before, undo.shift, m) is not None for m in incoming if has_content(m)):
+            self._by_id, self._shift, self._undo = undo.before, undo.shift, None
+            self._aside.clear()
+            self.resets -= 1
+            self.version += 1
+        elif _confirms(undo, incoming, view) or (view and not any(map(has_content, incoming)) and self._grew(undo)):
+            self._undo = None
+
+    def _forget_first_screen(self, shift: int) -> None:
+        """Rule 3a without its undo (agentd restarted in between): when held messages are found
+        at an older numbering than ``shift``, a lone agentapi message 0 of the newer one was
+        a screen agentapi replaced with its saved state, and is dropped."""
+        first = self._shift
+        if shift >= first or any(i > first for i in self._by_id):
+            return
+        held = self._by_id.get(first)
+        if held is not None and held.role == "agent" and has_content(held):
+            del self._by_id[first]
+            self.version += 1
+
+    def _grew(self, undo: _Undo) -> bool:
+        """True if content is held after the provisional conversation's first screen."""
+        return any(has_content(h) for i, h in self._by_id.items() if i > undo.first)
 
     def _apply_live(self, message: Message) -> int:
         """A live update that is no held message; returns the id it went to (or would have)."""
@@ -273,7 +354,7 @@ class RingBuffer:
         if judged and not rewrite and any(has_content(h) for i, h in self._by_id.items() if i >= target):
             if not has_content(message):
                 return target  # an empty message over held content tells nothing
-            self._new_conversation(message.id)  # rule 3: agentapi rewrites only its newest message
+            self._new_conversation(message.id, provisional=_first_screen([message]))  # rule 3
             target = message.id + self._shift
         self._store(target, message)
         return target
@@ -290,7 +371,7 @@ class RingBuffer:
                 del self._aside[min(self._aside)]
             return target
         waiting = [self._aside[i] for i in sorted(self._aside)] + [message]
-        self._new_conversation(waiting[0].id)
+        self._new_conversation(waiting[0].id, provisional=_first_screen(waiting))
         self._aside.clear()
         for earlier in waiting:
             self._store(earlier.id + self._shift, earlier)
