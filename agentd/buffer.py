@@ -31,6 +31,17 @@ only these facts change:
    than that rewrite), a view with content ending before the newest held message and sharing
    none of it, or any content after a "no evidence" view that is not a held message. Its
    messages are numbered after the held ones, which stay.
+   a. **Provisional when decided from a lone screen.** When the only evidence is agentapi's
+      message 0 (an agent message: the PTY agent's fresh screen replacing the placeholder),
+      the decision is provisional: agentapi 0.12 shows that screen with a new ``time`` one
+      tick *before* it sends its saved messages (``pty_conversation.go`` copies the list before
+      loading the state). Until the next evidence, the held messages and shift before it are
+      kept (at most N more messages). A held message coming back undoes it: the held messages
+      and the old numbering return and the screen is dropped (agentapi replaced it). Content
+      it cannot be (another message than message 0 at an id the held window covers; in a view,
+      anything beside message 0) confirms it, and so does a view without content once messages
+      follow the screen. After agentd's own restart (nothing to undo with), a lone message 0
+      of the newer numbering is dropped when held messages are found at an older one.
 4. **A full view is the truth for its range.** A held message between two of the view's
    messages numbered alike, at an id the view lacks, is dropped (agentapi's ACP transport
    removes a failed prompt's empty placeholder with no event), and so is an empty placeholder
