@@ -201,7 +201,10 @@ class Daemon:
         self.buffer.sync(view)
 
     def _why_nothing(self) -> str:
-        """Why the snapshot is empty: agentapi not reached, or an empty conversation."""
+        """Why the snapshot is empty: agentapi refuses agentd (its Host allow-list, a URL that
+        serves neither endpoint), agentapi not reached, or an empty conversation."""
+        if self.tail.problem:
+            return f"no messages held: {self.tail.problem}"
         if self.refresh_error is None or self.tail.state in ("connected", "polling"):
             return EMPTY_CONVERSATION
         where = self.settings.agentapi_url.split("://", 1)[-1]
@@ -241,7 +244,7 @@ class Daemon:
             if reason == EMPTY_CONVERSATION:
                 log.info("nothing to store: the conversation is empty", why=why)
             else:
-                log.warning("nothing to store: agentapi not reached", why=why, reason=reason)
+                log.warning("nothing to store: agentapi not reached or refusing agentd", why=why, reason=reason)
             return StoreResult("nothing", reason=reason)
         digest = fingerprint(snapshot)
         if digest == self.acked:

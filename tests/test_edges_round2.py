@@ -124,3 +124,37 @@ def test_supervise_kills_what_the_child_left_in_its_session(tmp_path: Path) -> N
         assert not alive, "the child's leftover sleep outlived agentd supervise"
     finally:
         subprocess.run(["rm", "-rf", str(short)], check=False)
+
+
+def test_snapshot_names_agentapis_host_allow_list_instead_of_an_empty_conversation(tmp_path: Path) -> None:
+    """agentapi refuses agentd's Host: `agentd snapshot` (through the daemon) says so and names the
+    fix, rather than "the conversation is empty"."""
+    short = make_short_dir()
+    port = free_port()
+    api = subprocess.Popen(
+        [sys.executable, "-m", "agentd.testing.fake_agentapi", "--port", str(port), "--messages", "3",
+         "--allowed-hosts", "agentapi.example"],
+        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    daemon = None
+    try:
+        assert api.stdout is not None and "listening on" in api.stdout.readline()
+        env = env_for(short / "state", AGENTD_SOCKET=str(short / "agentd.sock"))
+        env["AGENTD_AGENTAPI_URL"] = f"http://127.0.0.1:{port}"
+        daemon = subprocess.Popen([sys.executable, "-m", "agentd", "run"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        line = ""
+        while time.monotonic() < deadline:
+            shown = agentd("status", "--json", env=env)
+            if shown.returncode == 0 and '"problem": null' not in shown.stdout and "allowed-hosts" in shown.stdout:
+                line = agentd("snapshot", "--timeout", "5", env=env).stdout
+                break
+            time.sleep(0.2)
+        assert "--allowed-hosts" in line and "the conversation is empty" not in line, line
+    finally:
+        for proc in (daemon, api):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+        subprocess.run(["rm", "-rf", str(short)], check=False)
