@@ -2,8 +2,9 @@
 
     python -m bench                 # everything; prints the Markdown, writes bench/results.md
     python -m bench --quick         # a smoke run: fewer repeats, 5 s idle, fleet at 8 s only
-    python -m bench shutdown trim   # only some (shutdown trim ingest footprint startup probe fleet)
+    python -m bench shutdown trim   # only some (shutdown trim ingest footprint startup probe hostile fleet)
     python -m bench fleet           # only the fleet simulation
+    python -m bench hostile         # only the peak RSS under hostile peers (one run per case with --quick)
 
 ``make bench QUICK=1`` (or ``BENCH_QUICK=1``) is the smoke run. Only a full run of everything
 writes ``bench/results.md`` and copies it into README.md between the ``bench:start`` and
@@ -23,7 +24,7 @@ from pathlib import Path
 from bench import report
 from bench.common import BenchError
 
-ALL = ("shutdown", "trim", "ingest", "footprint", "startup", "probe", "fleet")
+ALL = ("shutdown", "trim", "ingest", "footprint", "startup", "probe", "hostile", "fleet")
 RESULTS = Path(__file__).with_name("results.md")
 README = Path(__file__).resolve().parent.parent / "README.md"
 _START, _END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if any(name in wanted for name in ("shutdown", "trim", "ingest", "footprint", "startup", "probe")):
             sections.append(report.daemon_section(wanted, args.quick))
+        if "hostile" in wanted:
+            sections.append(report.hostile_section(args.quick))
         if "fleet" in wanted:
             sections.append(report.fleet_section(args.quick))
     except BenchError as exc:

@@ -250,16 +250,20 @@ def agentd_process(
     *,
     extra_env: dict[str, str] | None = None,
     argv: Sequence[str] | None = None,
+    agentapi_url: str | None = None,
+    coderd_url: str | None = None,
 ) -> Iterator[Agentd]:
-    """Start ``python -m agentd run`` against the stand-ins (fresh state dir and task); kill it after."""
+    """Start ``python -m agentd run`` against the stand-ins (fresh state dir and task); kill it after.
+
+    ``agentapi_url`` / ``coderd_url`` put another server (a hostile one) in place of a stand-in."""
     workdir = Path(tempfile.mkdtemp(prefix="agentd-bench-", dir="/tmp"))
     notify = NotifySocket(workdir)
     task = standins.new_task()
     env = clean_env(
-        CODER_AGENT_URL=standins.coderd.url,
+        CODER_AGENT_URL=coderd_url or standins.coderd.url,
         CODER_AGENT_TOKEN=TOKEN,
         AGENTD_TASK_ID=task,
-        AGENTD_AGENTAPI_URL=standins.api.url,
+        AGENTD_AGENTAPI_URL=agentapi_url or standins.api.url,
         AGENTD_STATE_DIR=str(workdir / "state"),
         AGENTD_SOCKET=str(workdir / "agentd.sock"),
         AGENTD_LOG_FORMAT="json",

@@ -6,7 +6,7 @@ import os
 import statistics
 import sys
 
-from bench import fleet, probe, process, trim
+from bench import fleet, hostile, probe, process, trim
 from bench.common import Series, Standins
 
 #: Repeats per figure: (full run, quick run).
@@ -17,6 +17,7 @@ RUNS = {
     "ingest": (7, 2),
     "startup": (15, 4),
     "probe": (15, 4),
+    "hostile": (3, 1),
 }
 IDLE = (30.0, 5.0)  # footprint: seconds idle
 IDLE_PROCESSES = 3  # footprint: daemons idle side by side (each one a sample)
@@ -184,6 +185,42 @@ def _notes(results: dict) -> list[str]:
             "the target; the design card asks for pydantic-settings, so it stays."
         )
     return ["", *out] if out else []
+
+
+def hostile_section(quick: bool) -> str:
+    """Peak RSS of a real ``agentd run`` under each hostile peer, beside a friendly run's (issue 9)."""
+    runs = _runs("hostile", quick)
+    rows: list[str] = []
+    with Standins() as standins:
+        _say(f"bench: hostile peers, the reference (friendly stand-ins, full buffer) x {runs} ...")
+        idle = hostile.idle_reference(standins, runs, 2.0 if quick else 5.0)
+        rows.append(f"| reference: friendly stand-ins, full buffer (10 × 64 KiB), idle, SIGTERM | – | "
+                    f"{mib(idle.median)} | {spread(idle, mib)} | 1.00 × | 0 | yes | |")
+        for case in hostile.CASES:
+            _say(f"bench: hostile {case.peer}, {case.name} x {runs} ...")
+            r = hostile.run_case(standins, case, runs)
+            limit = hostile.LIMIT[case.peer]
+            stored = sorted({"yes" if s else "no" for s in r.stored})
+            rows.append(
+                f"| {case.name}: {case.attack} | {case.peer} | {mib(r.peak.median)} | {spread(r.peak, mib)} | "
+                f"{r.peak.median / idle.median:.2f} × | {', '.join(str(e) for e in sorted(set(r.exits)))} | "
+                f"{' / '.join(stored)}{'' if all(s == case.stored_expected for s in r.stored) else ' (**unexpected**)'} | "
+                f"< {mib(limit)}: {verdict(r.peak.high < limit)} |"
+            )
+    intro = (
+        "A real `python -m agentd run` against one hostile raw-socket server (`agentd/testing/hostile.py`, "
+        "the tests' servers) with the friendly stand-in for the other peer. Its peak RSS is `VmHWM` from "
+        "`/proc/<pid>/status`, read every 10 ms from its start until it exits after SIGTERM (sent once the "
+        "case has done its worst: two capped streams and a reconnect, three refused polls, the long "
+        "conversation's newest message held, or the snapshot in the buffer for a coderd case). The "
+        "reference is the same figure for a friendly run, measured in the same section."
+    )
+    table = [
+        "| case | hostile peer | peak RSS, median | min – max | × reference | exit status | snapshot stored | limit |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    return "\n".join(["### Hostile peers: peak memory", "", intro, "", *table])
 
 
 def fleet_section(quick: bool) -> str:

@@ -17,7 +17,6 @@ hostile peers.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import json
@@ -41,6 +40,7 @@ from support import clean_env, json_lines, wait_until
 from agentd.agentapi import AgentAPIError, AgentAPITail, SSEParser, StreamLimitError, fetch_messages
 from agentd.buffer import RingBuffer
 from agentd.testing import FakeAgentAPI, FakeCoderd, generic_conversation
+from agentd.testing.hostile import LONG_CONVERSATION, RawServer, hostile_events, hostile_messages
 from agentd.testing.http import Exchange, serve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -344,39 +344,6 @@ TOKEN = "hostile-" + uuid.uuid4().hex
 TASK = str(uuid.uuid4())
 
 
-class RawServer:
-    """A minimal HTTP/1.1 server on a raw socket: reads a request head, hands ``(path, send)``
-    to ``respond`` and closes. Counts requests per path."""
-
-    def __init__(self, respond: Callable[[str, Callable[[bytes], Awaitable[None]]], Awaitable[None]]) -> None:
-        self.respond = respond
-        self.hits: dict[str, int] = {}
-        self.url = ""
-
-    @asynccontextmanager
-    async def serve(self) -> AsyncIterator[RawServer]:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        self.url = f"http://127.0.0.1:{listener.extra(anyio.abc.SocketAttribute.local_port)}"
-
-        async def one(stream: anyio.abc.SocketStream) -> None:
-            async with stream:
-                head = b""
-                with anyio.move_on_after(10):
-                    while b"\r\n\r\n" not in head:
-                        head += await stream.receive()
-                path = head.split(b" ", 2)[1].decode("latin-1") if head.count(b" ") >= 2 else "?"
-                self.hits[path] = self.hits.get(path, 0) + 1
-                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    await self.respond(path, stream.send)
-
-        async with listener, anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, one)
-            try:
-                yield self
-            finally:
-                tg.cancel_scope.cancel()
-
-
 def _status_kib(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         for line in f:
@@ -416,14 +383,6 @@ async def _stop(proc: subprocess.Popen[bytes], short_dir: Path) -> tuple[int, st
     return proc.returncode, text, peak
 
 
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n" % len(data) + data + b"\r\n"
-
-
-SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-T0 = "2026-01-01T00:00:00Z"
-
-
 def _report(case: str, peak: int) -> None:
     print(f"PEAK-RSS {case} {peak / 2**20:.1f} MiB")
 
@@ -434,17 +393,7 @@ def _report(case: str, peak: int) -> None:
 async def test_hostile_event_stream_is_capped(attack: str, short_dir: Path, anyio_backend: str) -> None:
     if anyio_backend != "asyncio":
         pytest.skip("a real process; its backend is agentd's default")
-    piece = b"x" * 262_144 if attack == "endless-line" else (b"data: " + b"y" * 1000 + b"\n") * 64
-
-    async def respond(path: str, send: Callable[[bytes], Awaitable[None]]) -> None:
-        if path != "/events":
-            await send(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
-            return
-        replay = b'event: message_update\ndata: {"id":0,"role":"agent","message":"hello","time":"' + T0.encode() + b'"}\n\n'
-        replay += b'event: status_change\ndata: {"status":"stable","agent_type":"claude"}\n\n'
-        await send(SSE_HEAD + _chunk(replay + (b"data: " if attack == "endless-line" else b"")))
-        while True:  # as fast as agentd reads, forever
-            await send(_chunk(piece))
+    respond = hostile_events(attack)
 
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
     agentapi = RawServer(respond)
@@ -469,30 +418,8 @@ async def test_hostile_or_huge_messages_in_bounded_memory(case: str, short_dir: 
     memory and the newest 10 messages kept."""
     if anyio_backend != "asyncio":
         pytest.skip("a real process; its backend is agentd's default")
-    total = 4600  # messages of ~64 KiB: ~300 MB
-    content = "─" * 21_800  # ~64 KiB of box drawing in UTF-8
-    bomb = gzip.compress(b"0" * (256 << 20), compresslevel=9) if case == "gzip-bomb" else b""
-    items: list[bytes] = []  # the conversation's items, built once
-
-    async def respond(path: str, send: Callable[[bytes], Awaitable[None]]) -> None:
-        if path == "/events":
-            await send(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
-        elif path == "/messages" and case == "gzip-bomb":
-            await send(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
-                       b"content-length: %d\r\n\r\n" % len(bomb) + bomb)
-        elif path == "/messages":
-            await send(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
-            await send(_chunk(b'{"$schema":"x","messages":['))
-            if not items:
-                for i in range(total):
-                    role = "agent" if i % 2 == 0 else "user"
-                    item = json.dumps({"id": i, "content": f"{i} {content}", "role": role, "time": T0}, ensure_ascii=False)
-                    items.append(item.encode() + (b"," if i < total - 1 else b""))
-            for start in range(0, total, 16):
-                await send(_chunk(b"".join(items[start : start + 16])))
-            await send(_chunk(b"]}") + b"0\r\n\r\n")
-        else:
-            await send(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 20\r\n\r\n{"status":"stable"} ')
+    total = LONG_CONVERSATION  # messages of ~64 KiB: ~300 MB
+    respond = hostile_messages(case, total)
 
     coderd = FakeCoderd(token=TOKEN, tasks={TASK})
     agentapi = RawServer(respond)

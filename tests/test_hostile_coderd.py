@@ -12,12 +12,10 @@ peak RSS (``VmHWM``) under :data:`PEAK_RSS_LIMIT_KIB`.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import secrets
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -25,7 +23,6 @@ import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +33,14 @@ from support import clean_env, make_short_dir, small_conversation
 
 from agentd import control
 from agentd.testing import FakeAgentAPI
+from agentd.testing.hostile import (
+    HostileCoderd,
+    gzip_bomb,
+    gzip_bomb_503,
+    html_200,
+    nested_503,
+    superscript_retry_after_503,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -50,135 +55,6 @@ WAIT = 30.0
 PEAK_RSS_LIMIT_KIB = 80 * 1024
 #: Exit statuses: stored, not stored, agentd's own bug (EX_SOFTWARE).
 EXIT_STORED, EXIT_NOT_STORED, EX_SOFTWARE = 0, 1, 70
-
-
-# ---------------------------------------------------------------------------------------------
-# hostile answers (raw HTTP/1.1 bytes)
-
-
-def answer(status: str, headers: dict[str, str], body: bytes = b"") -> bytes:
-    head = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", "Connection: close"]
-    head += [f"{name}: {value}" for name, value in headers.items()]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("utf-8") + body
-
-
-def nested_503(depth: int = 100_000, retry_after: str | None = None) -> bytes:
-    """A 503 whose JSON body is ``depth`` arrays deep: ``json.loads`` raises RecursionError."""
-    headers = {"Content-Type": "application/json"}
-    if retry_after is not None:
-        headers["Retry-After"] = retry_after
-    return answer("503 Service Unavailable", headers, b"[" * depth + b"]" * depth)
-
-
-def superscript_retry_after_503() -> bytes:
-    """``Retry-After: ²`` (UTF-8 on the wire; ``"²".isdigit()`` is True, ``int("²")`` fails)."""
-    return answer("503 Service Unavailable", {"Content-Type": "application/json", "Retry-After": "²"},
-                  b'{"message":"busy"}')
-
-
-@functools.cache
-def gzip_bomb(mib: int = 1024) -> bytes:
-    """A valid gzip member of ``mib`` MiB of zeros in about 1 KiB per MiB: the same raw deflate
-    block (full flush: no back-references across it) repeated, then the CRC and size."""
-    zeros = bytes(1 << 20)
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
-    crc = 0
-    for _ in range(mib):
-        crc = zlib.crc32(zeros, crc)
-    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
-    return header + block * mib + deflate.flush() + struct.pack("<II", crc, (mib << 20) & 0xFFFFFFFF)
-
-
-def gzip_bomb_503() -> bytes:
-    return answer("503 Service Unavailable", {"Content-Type": "application/json", "Content-Encoding": "gzip"}, gzip_bomb())
-
-
-HTML = b"<!doctype html><html><head><title>Sign in</title></head><body>Sign in to continue</body></html>"
-
-
-def html_200() -> bytes:
-    """What a proxy's login page or captive portal answers instead of coderd's 204."""
-    return answer("200 OK", {"Content-Type": "text/html; charset=utf-8"}, HTML)
-
-
-NO_CONTENT = answer("204 No Content", {})
-
-
-# ---------------------------------------------------------------------------------------------
-# the raw-socket coderd
-
-
-@dataclass
-class HostileCoderd:
-    """Answers the n-th request with ``answers[n]`` (raw bytes), every later one with 204 and
-    keeps that request's body in ``stored``. ``requests``: (request line, body) in order."""
-
-    answers: list[bytes]
-    always: bytes | None = None  # answer every request with this instead (never 204)
-    requests: list[tuple[str, bytes]] = field(default_factory=list)
-    stored: list[bytes] = field(default_factory=list)
-    url: str = ""
-
-    async def _read_request(self, stream: anyio.abc.ByteStream) -> tuple[str, bytes] | None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            if len(data) > 64 * 1024:
-                return None
-            try:
-                data += await stream.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                return None
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        length = 0
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value.strip())
-        while len(body) < length:
-            try:
-                body += await stream.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                return None
-        return lines[0], body[:length]
-
-    async def _handle(self, stream: anyio.abc.SocketStream) -> None:
-        async with stream:
-            request = await self._read_request(stream)
-            if request is None:
-                return
-            n = len(self.requests)
-            self.requests.append(request)
-            if self.always is not None:
-                raw = self.always
-            elif n < len(self.answers):
-                raw = self.answers[n]
-            else:
-                raw = NO_CONTENT
-                self.stored.append(request[1])
-            try:
-                for start in range(0, len(raw), 64 * 1024):
-                    await stream.send(raw[start : start + 64 * 1024])
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass  # agentd read what it wanted and closed: as it should
-
-    @asynccontextmanager
-    async def serve(self) -> AsyncIterator[HostileCoderd]:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        self.url = f"http://127.0.0.1:{port}"
-        async with listener, anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, self._handle)
-            try:
-                yield self
-            finally:
-                tg.cancel_scope.cancel()
-
-    def stored_messages(self) -> list[dict[str, Any]]:
-        assert self.stored, f"nothing stored; requests: {[line for line, _ in self.requests]}"
-        messages: list[dict[str, Any]] = json.loads(self.stored[-1])["messages"]
-        return messages
 
 
 # ---------------------------------------------------------------------------------------------
