@@ -5,6 +5,7 @@
 * :func:`serve` / :class:`Exchange` -- the small anyio + h11 HTTP/1.1 server both run on, with
   fault injection (hang, abort mid-stream, raw bytes).
 * :mod:`agentd.testing.conversations` -- realistic screen-text conversations.
+* :mod:`agentd.testing.hostile` -- hostile peers on raw sockets (issue 9), for tests and ``python -m bench hostile``.
 
 Both fakes also run as processes: ``python -m agentd.testing.fake_agentapi --help`` and
 ``python -m agentd.testing.fake_coderd --help``.
