@@ -680,15 +680,21 @@ async def test_flood_of_updates_memory_bounded_newest_wins(anyio_backend: str, t
 # signals at awkward moments
 
 
-def _sigterm_caught(pid: int) -> bool:
-    """True once the process has a handler for SIGTERM (``SigCgt`` in /proc/<pid>/status)."""
+def _in_mask(pid: int, field: str, signum: int) -> bool:
+    """True once ``signum`` is in the process's ``field`` mask of /proc/<pid>/status (``SigCgt``:
+    a handler is in place; ``SigIgn``: ignored)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+            if line.startswith(field + ":"):
+                return bool(int(line.split()[1], 16) & (1 << (signum - 1)))
     except (FileNotFoundError, ProcessLookupError):
         pass
     return False
+
+
+def _sigterm_caught(pid: int) -> bool:
+    """True once the process has a handler for SIGTERM."""
+    return _in_mask(pid, "SigCgt", signal.SIGTERM)
 
 
 @pytest.mark.parametrize("when", ["50ms", "first-handler"])
@@ -731,15 +737,8 @@ async def test_sigterm_during_startup_still_stores(anyio_backend: str, tmp_path:
 
 
 def _sigusr1_ignored(pid: int) -> bool:
-    """True once the process ignores SIGUSR1 (``SigIgn`` in /proc/<pid>/status): the entry shim's
-    first act, before any import of the daemon."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigIgn:"):
-                return bool(int(line.split()[1], 16) & (1 << (signal.SIGUSR1 - 1)))
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return False
+    """True once the process ignores SIGUSR1: the entry shim's first act, before any import."""
+    return _in_mask(pid, "SigIgn", signal.SIGUSR1)
 
 
 async def test_stray_signals_during_startup_do_not_kill(anyio_backend: str, tmp_path: Path) -> None:
