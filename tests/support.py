@@ -244,3 +244,17 @@ class AgentdChild:
             self.proc.kill()
             self.proc.wait(5)
         shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+def fill(path: Path) -> Path:
+    """Fill the filesystem at ``path`` until it is full; the filler file."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support import json_lines
+from support import fill, json_lines
 
 from agentd.coderd import UploadOutcome
 from agentd.messages import Message
@@ -259,18 +259,6 @@ def _mount_tiny_tmpfs(path: Path) -> str | None:
     return None
 
 
-def fill(path: Path) -> Path:
-    """Fill the filesystem at ``path`` until it is full; the filler file."""
-    filler = path / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_a_full_disk_fails_once_and_the_next_write_after_freeing_space_lands(tmp_path, log_stream):

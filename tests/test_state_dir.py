@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 import pytest
-from support import assert_token_absent, clean_env, json_lines, wait_status, wait_until
+from support import assert_token_absent, clean_env, fill, json_lines, wait_status, wait_until
 
 from agentd.testing import FakeAgentAPI, FakeCoderd, generic_conversation
 
@@ -173,15 +173,7 @@ async def test_a_disk_full_once_then_freed_catches_up_without_a_new_message(
             assert d.proc.poll() is None, d.err()[-3000:]
             await wait_status(sock, lambda s: s["messages"] == 4, START)
             await wait_until(lambda: state_messages(state_dir) == 4, START, "the first state write")
-            filler = mnt / "filler"
-            fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                while True:
-                    os.write(fd, b"\0" * 4096)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            filler = fill(mnt)
             for i in range(11):
                 api.add_message("user" if i % 2 else "agent", f"while the disk is full {i}: " + "─" * 300)
             await wait_status(sock, lambda s: s["newest_id"] == 14 and s["persisted"] is False, START)
